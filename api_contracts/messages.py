@@ -43,6 +43,7 @@ class SubmitMessage(BaseModel):
 
     job_id: JobId
     request: JobRequest
+    seq: int = Field(default=0, ge=0, description="0 from producers; retries carry more.")
 
 
 class StepMessage(BaseModel):

@@ -165,7 +165,7 @@ class PollSettings(_Section):
     @model_validator(mode="after")
     def _ordered(self) -> PollSettings:
         if self.max_interval_s < self.min_interval_s:
-            raise ValueError("max_interval_s must be >= min_interval_s")
+            raise ValueError("POLL_MAX_INTERVAL_S must be >= POLL_MIN_INTERVAL_S")
         return self
 
 
@@ -241,8 +241,9 @@ class Settings(BaseModel):
 
 
 def _env_name(section: type[_Section], loc: tuple[int | str, ...]) -> str:
-    field = str(loc[0]) if loc else "?"
-    return f"{section.env_prefix_name}{field}".upper()
+    if not loc:  # a rule across fields: its message names them
+        return f"{section.env_prefix_name}*"
+    return f"{section.env_prefix_name}{loc[0]}".upper()
 
 
 def load_settings(**overrides: Any) -> Settings:

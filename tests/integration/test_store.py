@@ -1,0 +1,127 @@
+"""The job store on a real Redis: creation, compare-and-set, TTLs, idempotency, events."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from api_contracts.jobs import JobError, JobRequest, JobStatus
+from worker.constants import INFLIGHT_KEY
+from worker.errors import IdempotencyConflictError, JobNotFoundError, TransitionRefusedError
+from worker.store import JobStore, Outbox, events_channel, job_key
+
+pytestmark = pytest.mark.integration
+
+
+def req(prompt: str = "a cat", **kw: object) -> JobRequest:
+    return JobRequest.model_validate({"input": {"prompt": prompt}, **kw})
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis) -> JobStore:
+    return JobStore(redis_client, ttl_s=120)
+
+
+def test_create_if_absent_once(store: JobStore) -> None:
+    job, created = store.create_if_absent("j1", req(webhook_url="https://example.com/h"))
+    assert created and job.status == JobStatus.QUEUED and job.version == 1 and job.seq == 0
+    assert job.record.webhook is not None and job.record.webhook.id == "msg_j1"
+    again, created_again = store.create_if_absent("j1", req("something else"))
+    assert not created_again
+    assert again.record.request == job.record.request
+    assert store.in_flight() == 1
+    assert store.redis.ttl(job_key("j1")) == -1  # no TTL while in flight
+
+
+def test_load_unknown(store: JobStore) -> None:
+    assert store.get("nope") is None
+    with pytest.raises(JobNotFoundError, match="nope"):
+        store.load("nope")
+
+
+def test_cas_applies_once_and_refuses_stale_versions(store: JobStore) -> None:
+    job, _ = store.create_if_absent("j2", req())
+    moved = store.update(job, status=JobStatus.SUBMITTING, lease=("task-1", 123.5))
+    assert moved is not None and moved.version == 2
+    assert moved.lease_owner == "task-1" and moved.lease_until == 123.5
+    assert store.update(job, status=JobStatus.SUBMITTING) is None  # stale read
+    loaded = store.load("j2")
+    assert loaded.status == JobStatus.SUBMITTING and loaded.version == 2
+
+
+def test_refused_transition_is_not_applied(store: JobStore) -> None:
+    job, _ = store.create_if_absent("j3", req())
+    with pytest.raises(TransitionRefusedError):
+        store.update(job, status=JobStatus.SUCCEEDED)
+    assert store.load("j3").status == JobStatus.QUEUED
+
+
+def test_terminal_sets_ttl_and_leaves_inflight(store: JobStore) -> None:
+    job, _ = store.create_if_absent("j4", req())
+    done = store.update(
+        job, status=JobStatus.FAILED, error=JobError(code="x", message="y"), seq=1, outbox=None
+    )
+    assert done is not None
+    assert done.record.finished_at is not None
+    assert 0 < store.redis.ttl(job_key("j4")) <= 120
+    assert store.redis.zscore(INFLIGHT_KEY, "j4") is None
+
+
+def test_outbox_and_seq_round_trip(store: JobStore) -> None:
+    job, _ = store.create_if_absent("j5", req())
+    after = store.update(job, seq=1, outbox=Outbox(task="runcomfy.poll", seq=1, due_at=10.0))
+    assert after is not None
+    loaded = store.load("j5")
+    assert loaded.seq == 1
+    assert loaded.outbox == Outbox(task="runcomfy.poll", seq=1, due_at=10.0)
+
+
+def test_concurrent_cas_only_one_wins(store: JobStore) -> None:
+    job, _ = store.create_if_absent("j6", req())
+    results: list[object] = []
+    barrier = threading.Barrier(8)
+
+    def attempt(i: int) -> None:
+        barrier.wait()
+        results.append(store.update(job, status=JobStatus.SUBMITTING, lease=(f"t{i}", 1.0)))
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r is not None for r in results) == 1
+    assert store.load("j6").version == 2
+
+
+def test_idempotency_same_request_same_job(store: JobStore) -> None:
+    r = req(idempotency_key="order-1")
+    assert store.claim_idempotency_key("order-1", "a", r) == "a"
+    store.create_if_absent("a", r)
+    assert store.claim_idempotency_key("order-1", "b", r) == "a"
+
+
+def test_idempotency_different_request_refused(store: JobStore) -> None:
+    r = req(idempotency_key="order-2")
+    store.claim_idempotency_key("order-2", "a", r)
+    store.create_if_absent("a", r)
+    with pytest.raises(IdempotencyConflictError, match="order-2"):
+        store.claim_idempotency_key("order-2", "b", req("other", idempotency_key="order-2"))
+
+
+def test_changes_are_published(store: JobStore) -> None:
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(events_channel("j7"))
+    job, _ = store.create_if_absent("j7", req())
+    store.update(job, status=JobStatus.SUBMITTING)
+    got = []
+    for _ in range(50):
+        message = pubsub.get_message(timeout=0.1)
+        if message:
+            got.append(message["data"])
+        if len(got) == 2:
+            break
+    pubsub.close()
+    assert got == [b"queued", b"submitting"]

@@ -1,0 +1,106 @@
+"""Settings come from the contract's environment names; bad values name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.settings import DEFAULT_MODEL_ID, DEFAULT_RUNCOMFY_BASE_URL, ConfigError, load_settings
+
+ALL_VARS = [
+    "REDIS_URL", "RUNCOMFY_BASE_URL", "RUNCOMFY_API_TOKEN", "RUNCOMFY_MODEL_ID", "S3_BUCKET",
+    "S3_PREFIX", "S3_ENDPOINT_URL", "WEBHOOK_SECRET", "ALLOW_PRIVATE_NETWORKS",
+    "WEBHOOK_RETRY_SCHEDULE", "POLL_INITIAL_DELAY_S", "POLL_MIN_INTERVAL_S",
+    "POLL_MAX_INTERVAL_S", "JOB_DEADLINE_S", "JOB_TTL_S", "BROKER_VISIBILITY_TIMEOUT_S",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ALL_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults() -> None:
+    s = load_settings()
+    assert s.runcomfy.base_url == DEFAULT_RUNCOMFY_BASE_URL == "https://model-api.runcomfy.net"
+    assert s.runcomfy.model_id == DEFAULT_MODEL_ID == "bytedance/dreamina-4-0/text-to-image"
+    assert s.allow_private_networks is False
+    assert s.webhook.retry_schedule == (5, 300, 1800, 7200, 18000, 36000, 36000)
+    assert s.job.deadline_s == 1800
+    assert s.job.ttl_s == 7 * 24 * 3600
+    assert s.broker.visibility_timeout_s > s.max_countdown_s * 2
+    assert s.poll.initial_delay_s == 1.0
+
+
+def test_every_contract_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "REDIS_URL": "redis://r:1/2",
+        "RUNCOMFY_BASE_URL": "http://emu:8188/",
+        "RUNCOMFY_API_TOKEN": "tok-sentinel",
+        "RUNCOMFY_MODEL_ID": "a/b/c",
+        "S3_BUCKET": "my-bucket",
+        "S3_PREFIX": "p/",
+        "S3_ENDPOINT_URL": "http://minio:9000",
+        "WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw,whsec_dGVzdA==",
+        "ALLOW_PRIVATE_NETWORKS": "true",
+        "WEBHOOK_RETRY_SCHEDULE": "1, 2,3.5",
+        "POLL_INITIAL_DELAY_S": "0.5",
+        "POLL_MIN_INTERVAL_S": "0.25",
+        "POLL_MAX_INTERVAL_S": "9",
+        "JOB_DEADLINE_S": "60",
+        "JOB_TTL_S": "120",
+        "BROKER_VISIBILITY_TIMEOUT_S": "300",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = load_settings()
+    assert s.redis.url == "redis://r:1/2"
+    assert s.runcomfy.base_url == "http://emu:8188"
+    assert s.runcomfy.api_token is not None
+    assert s.runcomfy.api_token.get_secret_value() == "tok-sentinel"
+    assert "tok-sentinel" not in repr(s) and "tok-sentinel" not in str(s)
+    assert s.runcomfy.model_id == "a/b/c"
+    assert (s.s3.bucket, s.s3.prefix, s.s3.endpoint_url) == ("my-bucket", "p/", "http://minio:9000")
+    assert [x.get_secret_value() for x in s.webhook.secret] == [
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "whsec_dGVzdA==",
+    ]
+    assert "MfKQ9r8" not in repr(s)
+    assert s.allow_private_networks is True
+    assert s.webhook.retry_schedule == (1.0, 2.0, 3.5)
+    assert (s.poll.initial_delay_s, s.poll.min_interval_s, s.poll.max_interval_s) == (0.5, 0.25, 9)
+    assert (s.job.deadline_s, s.job.ttl_s) == (60, 120)
+    assert s.broker.visibility_timeout_s == 300
+    assert s.max_countdown_s == 75
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REDIS_URL", "http://nope"),
+        ("RUNCOMFY_BASE_URL", "model-api.runcomfy.net"),
+        ("S3_BUCKET", "Bad_Bucket"),
+        ("WEBHOOK_SECRET", "not-base64!"),
+        ("ALLOW_PRIVATE_NETWORKS", "perhaps"),
+        ("WEBHOOK_RETRY_SCHEDULE", "5,-1"),
+        ("WEBHOOK_RETRY_SCHEDULE", "5,soon"),
+        ("POLL_INITIAL_DELAY_S", "-1"),
+        ("POLL_MIN_INTERVAL_S", "0"),
+        ("POLL_MAX_INTERVAL_S", "abc"),
+        ("JOB_DEADLINE_S", "0"),
+        ("JOB_TTL_S", "forever"),
+        ("BROKER_VISIBILITY_TIMEOUT_S", "1"),
+    ],
+)
+def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert name in str(info.value)
+
+
+def test_min_above_max_interval_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLL_MIN_INTERVAL_S", "10")
+    monkeypatch.setenv("POLL_MAX_INTERVAL_S", "5")
+    with pytest.raises(ConfigError, match="POLL_"):
+        load_settings()

@@ -1,0 +1,121 @@
+"""The Celery application: configuration, queues, routing, per-process runtime.
+
+``celery -A worker.app worker`` and ``runcomfy-worker worker`` both use ``worker.app:app``.
+Clients are built when a worker process starts (``worker_process_init`` under prefork,
+``worker_init`` otherwise), never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Exchange, Queue
+
+from api_contracts.messages import ALL_QUEUES, QUEUE_FOR_TASK
+from worker.runtime import Runtime
+from worker.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+class ServiceCelery(Celery):
+    """Celery app that carries the service settings and one Runtime per process."""
+
+    settings: Settings
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__("runcomfy_worker", **kwargs)
+        self.settings = settings
+        self._runtime: Runtime | None = None
+        self._runtime_lock = threading.Lock()
+
+    @property
+    def runtime(self) -> Runtime:
+        """This process's Runtime (rebuilt after a fork)."""
+        rt = self._runtime
+        if rt is None or rt.pid != os.getpid():
+            with self._runtime_lock:
+                rt = self._runtime
+                if rt is None or rt.pid != os.getpid():
+                    rt = Runtime(self.settings)
+                    self._runtime = rt
+        return rt
+
+    def close_runtime(self) -> None:
+        """Close this process's clients (worker shutdown)."""
+        with self._runtime_lock:
+            if self._runtime is not None and self._runtime.pid == os.getpid():
+                self._runtime.close()
+            self._runtime = None
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery configuration derived from settings (see shared notes on Celery over Redis)."""
+    visibility = settings.broker.visibility_timeout_s
+    transport = {"visibility_timeout": visibility}
+    exchange = Exchange("runcomfy", type="direct")
+    return {
+        "broker_url": settings.redis.url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        # Every task is idempotent (seq + compare-and-set), so a lost worker may redeliver.
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_eta_task_limit": settings.worker.eta_task_limit,
+        "worker_soft_shutdown_timeout": settings.worker.soft_shutdown_timeout_s,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": settings.worker.send_task_events,
+        "task_send_sent_event": settings.worker.send_task_events,
+        "worker_hijack_root_logger": False,
+        "task_queues": [Queue(q, exchange, routing_key=q) for q in ALL_QUEUES],
+        "task_default_queue": ALL_QUEUES[0],
+        "task_default_exchange": "runcomfy",
+        "task_routes": {
+            name: {"queue": queue, "routing_key": queue} for name, queue in QUEUE_FOR_TASK.items()
+        },
+        "task_create_missing_queues": False,
+        "worker_disable_rate_limits": True,
+    }
+
+
+def create_app(settings: Settings | None = None) -> ServiceCelery:
+    """Build the app (tasks registered, signals connected). No connection is opened here."""
+    settings = settings or load_settings()
+    app = ServiceCelery(settings)
+    app.conf.update(celery_config(settings))
+    from worker.tasks import register_tasks
+
+    register_tasks(app)
+    _connect_signals(app)
+    return app
+
+
+def _connect_signals(app: ServiceCelery) -> None:
+    def on_process_init(**_: Any) -> None:
+        app.runtime.store  # noqa: B018 - build clients in the child, after the fork
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
+        if "prefork" not in str(pool):
+            app.runtime.store  # noqa: B018
+
+    def on_shutdown(**_: Any) -> None:
+        app.close_runtime()
+
+    signals.worker_process_init.connect(on_process_init, weak=False)
+    signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_process_shutdown.connect(on_shutdown, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)

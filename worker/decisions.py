@@ -1,0 +1,218 @@
+"""What to do next, as pure functions of (state, upstream answer, attempt, clock).
+
+Tasks gather the facts, call one of these, and act on the value it returns; time and jitter
+are passed in, so every rule here is tested with tables (tests/unit/test_decisions.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from api_contracts.errors import ErrorCode
+from api_contracts.jobs import JobStatus
+from api_contracts.upstream import StatusResponse
+from worker.errors import (
+    DownloadError,
+    OutputTooLargeError,
+    PermanentUpstreamError,
+    RetryableUpstreamError,
+    ServiceError,
+    StorageError,
+    TargetForbiddenError,
+    UpstreamProtocolError,
+)
+from worker.settings import PollSettings
+
+#: Consecutive malformed status answers tolerated before the job fails.
+MAX_PROTOCOL_ERRORS: Final = 5
+#: Submit attempts (the first included) on retryable upstream errors.
+MAX_SUBMIT_ATTEMPTS: Final = 8
+#: Tries on an output URL that answers 404/410/403 before ``output_unavailable``.
+MAX_UNAVAILABLE_TRIES: Final = 3
+#: Tries on retryable download/result errors before the archive fails.
+MAX_ARCHIVE_ATTEMPTS: Final = 10
+#: Backoff bounds for transient errors.
+BACKOFF_BASE_S: Final = 1.0
+BACKOFF_CAP_S: Final = 60.0
+
+
+@dataclass(frozen=True)
+class Reschedule:
+    """Run the same step again in ``countdown`` seconds (a new message, seq + 1)."""
+
+    countdown: float
+    reason: str
+    status: JobStatus | None = None
+    queue_position: int | None = None
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """Upstream finished: move to ``archiving`` and fetch the result."""
+
+
+@dataclass(frozen=True)
+class Fail:
+    """End the job as ``failed`` with this code and message."""
+
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class CancelUpstreamAndFail:
+    """Past the deadline while still queued upstream: cancel it there, then fail."""
+
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class MarkCancelled:
+    """Upstream cancelled the request: the job ends ``cancelled``."""
+
+    message: str
+
+
+PollDecision = Reschedule | FetchResult | Fail | CancelUpstreamAndFail | MarkCancelled
+
+
+def backoff(
+    attempt: int, jitter: float, *, base: float = BACKOFF_BASE_S, cap: float = BACKOFF_CAP_S
+) -> float:
+    """Exponential backoff for the ``attempt``-th retry (1-based), between 50 % and 100 % of
+    ``min(cap, base * 2**(attempt-1))``; ``jitter`` in [0, 1) picks where."""
+    ceiling = min(cap, base * 2.0 ** max(0, attempt - 1))
+    return ceiling * (0.5 + 0.5 * min(max(jitter, 0.0), 1.0))
+
+
+def poll_interval(elapsed_s: float, poll: PollSettings, jitter: float = 0.5) -> float:
+    """Time to the next status check: about 10 % of the time upstream has had the request,
+    never below ``min_interval_s`` nor above ``max_interval_s``; ``jitter`` in [0, 1) spreads
+    it by ±5 % so many jobs submitted together do not poll in lockstep."""
+    base = min(poll.max_interval_s, max(poll.min_interval_s, 0.1 * max(elapsed_s, 0.0)))
+    spread = 1.0 + 0.1 * (min(max(jitter, 0.0), 1.0) - 0.5)
+    return min(poll.max_interval_s, max(poll.min_interval_s, base * spread))
+
+
+def decide_poll(
+    *,
+    status: JobStatus,
+    answer: StatusResponse | ServiceError,
+    elapsed_s: float,
+    age_s: float,
+    deadline_s: float,
+    error_streak: int,
+    poll: PollSettings,
+    jitter: float,
+) -> PollDecision:
+    """Next step of the poll loop.
+
+    ``status``: the job's status (in_queue or in_progress); ``answer``: upstream's status
+    answer or the error the client raised; ``elapsed_s``: since upstream accepted the request;
+    ``age_s``: since the job was created; ``error_streak``: consecutive failed checks before
+    this one."""
+    if isinstance(answer, StatusResponse):
+        if answer.status == "completed":
+            return FetchResult()
+        if answer.status == "cancelled":
+            return MarkCancelled("upstream cancelled the request")
+        if answer.status == "failed":
+            return Fail(ErrorCode.GENERATION_FAILED, _upstream_error_text(answer.error))
+    if age_s >= deadline_s:
+        message = f"not finished after {deadline_s:.0f}s (JOB_DEADLINE_S)"
+        still_queued = (
+            answer.status == "in_queue"
+            if isinstance(answer, StatusResponse)
+            else status == JobStatus.IN_QUEUE
+        )
+        if still_queued:
+            return CancelUpstreamAndFail(ErrorCode.DEADLINE_EXCEEDED, message)
+        return Fail(ErrorCode.DEADLINE_EXCEEDED, message)
+    remaining = max(0.5, deadline_s - age_s)
+    if isinstance(answer, StatusResponse):
+        new_status = JobStatus.IN_QUEUE if answer.status == "in_queue" else JobStatus.IN_PROGRESS
+        return Reschedule(
+            countdown=min(remaining, poll_interval(elapsed_s, poll, jitter)),
+            reason=answer.status,
+            status=new_status,
+            queue_position=answer.queue_position if answer.status == "in_queue" else None,
+        )
+    if isinstance(answer, PermanentUpstreamError):
+        return Fail(
+            ErrorCode.UPSTREAM_REJECTED, f"status check refused ({answer.status_code}): {answer}"
+        )
+    if isinstance(answer, UpstreamProtocolError):
+        if error_streak + 1 >= MAX_PROTOCOL_ERRORS:
+            return Fail(ErrorCode.UPSTREAM_PROTOCOL_ERROR, str(answer))
+        return Reschedule(min(remaining, backoff(error_streak + 1, jitter)), "protocol_error")
+    retry_after = answer.retry_after_s if isinstance(answer, RetryableUpstreamError) else None
+    delay = max(retry_after or 0.0, backoff(error_streak + 1, jitter))
+    return Reschedule(min(remaining, delay), "transient_error")
+
+
+def decide_submit_error(
+    error: ServiceError, *, attempt: int, age_s: float, deadline_s: float, jitter: float
+) -> Reschedule | Fail:
+    """After a failed submit (``attempt`` = tries made so far): retry later, or give up."""
+    if isinstance(error, PermanentUpstreamError):
+        return Fail(
+            ErrorCode.UPSTREAM_REJECTED,
+            f"upstream refused the request ({error.status_code}): {error}",
+        )
+    if isinstance(error, UpstreamProtocolError):
+        code = ErrorCode.UPSTREAM_PROTOCOL_ERROR
+    else:
+        code = ErrorCode.UPSTREAM_UNAVAILABLE
+    retry_after = error.retry_after_s if isinstance(error, RetryableUpstreamError) else None
+    delay = max(retry_after or 0.0, backoff(attempt, jitter))
+    if attempt >= MAX_SUBMIT_ATTEMPTS or age_s + delay >= deadline_s:
+        return Fail(code, f"gave up submitting after {attempt} attempts: {error}")
+    return Reschedule(delay, "submit_retry")
+
+
+def decide_archive_error(
+    error: ServiceError,
+    *,
+    attempt: int,
+    failing_for_s: float,
+    storage_window_s: float,
+    jitter: float,
+) -> Reschedule | Fail:
+    """After a failed archive step (``attempt`` = failures so far in this run, counting this
+    one; ``failing_for_s`` = since the first of them): retry later, or fail the job."""
+    if isinstance(error, TargetForbiddenError):
+        return Fail(ErrorCode.OUTPUT_FORBIDDEN, str(error))
+    if isinstance(error, OutputTooLargeError):
+        return Fail(ErrorCode.OUTPUT_TOO_LARGE, str(error))
+    if isinstance(error, StorageError):
+        if failing_for_s >= storage_window_s:
+            return Fail(
+                ErrorCode.STORAGE_ERROR, f"S3 kept failing for {failing_for_s:.0f}s: {error}"
+            )
+        return Reschedule(backoff(attempt, jitter, cap=120.0), "storage_retry")
+    if isinstance(error, DownloadError) and not error.retryable:
+        if attempt >= MAX_UNAVAILABLE_TRIES:
+            return Fail(ErrorCode.OUTPUT_UNAVAILABLE, f"output could not be fetched: {error}")
+        return Reschedule(backoff(attempt, jitter), "output_unavailable_retry")
+    if isinstance(error, PermanentUpstreamError):
+        return Fail(ErrorCode.UPSTREAM_REJECTED, f"result refused ({error.status_code}): {error}")
+    if attempt >= MAX_ARCHIVE_ATTEMPTS:
+        code = (
+            ErrorCode.UPSTREAM_PROTOCOL_ERROR
+            if isinstance(error, UpstreamProtocolError)
+            else ErrorCode.UPSTREAM_UNAVAILABLE
+        )
+        return Fail(code, f"gave up after {attempt} attempts: {error}")
+    retry_after = error.retry_after_s if isinstance(error, RetryableUpstreamError) else None
+    return Reschedule(max(retry_after or 0.0, backoff(attempt, jitter)), "archive_retry")
+
+
+def _upstream_error_text(error: object) -> str:
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("detail") or error
+        return f"upstream generation failed: {message}"
+    if error:
+        return f"upstream generation failed: {error}"
+    return "upstream generation failed"

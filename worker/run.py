@@ -1,0 +1,51 @@
+"""Starting a worker: settings → logging → metrics/heartbeat → ``celery worker``."""
+
+from __future__ import annotations
+
+from api_contracts.messages import ALL_QUEUES
+from worker.settings import ConfigError, load_settings
+
+DEFAULT_POOL = "threads"
+DEFAULT_CONCURRENCY = "8"
+
+
+def worker_argv(extra: list[str]) -> list[str]:
+    """``celery worker`` arguments: ours by default, the caller's where given."""
+    argv = ["worker"]
+    given = set(extra)
+    if not given & {"-Q", "--queues"} and not any(a.startswith("--queues=") for a in extra):
+        argv += ["-Q", ",".join(ALL_QUEUES)]
+    if not given & {"-P", "--pool"} and not any(a.startswith("--pool=") for a in extra):
+        argv += ["-P", DEFAULT_POOL]
+    if not given & {"-c", "--concurrency"} and not any(a.startswith("--concurrency=") for a in extra):
+        argv += ["-c", DEFAULT_CONCURRENCY]
+    if not given & {"-l", "--loglevel"} and not any(a.startswith("--loglevel=") for a in extra):
+        argv += ["-l", "INFO"]
+    return argv + extra
+
+
+def run_worker(extra: list[str]) -> int:
+    """Run ``celery worker`` in this process; returns its exit code."""
+    import click
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        click.echo(f"runcomfy-worker: {exc}", err=True)
+        return 2
+    from worker.celery_app import create_app
+    from worker.health import install_heartbeat
+    from worker.logs import configure_logging
+    from worker.metrics import start_metrics_server
+
+    configure_logging(settings.worker.log_level, json_format=settings.worker.log_json)
+    app = create_app(settings)
+    if settings.worker.heartbeat_file:
+        install_heartbeat(app, settings.worker.heartbeat_file)
+    if settings.worker.metrics_port:
+        start_metrics_server(settings.worker.metrics_port, app.runtime.redis)
+    try:
+        app.worker_main(worker_argv(extra))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

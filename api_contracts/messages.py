@@ -27,12 +27,16 @@ TASK_SUBMIT: Final = "runcomfy.submit"
 TASK_POLL: Final = "runcomfy.poll"
 TASK_ARCHIVE: Final = "runcomfy.archive"
 TASK_NOTIFY: Final = "runcomfy.notify"
+#: Producer-initiated upstream cancel of a job waiting in upstream's queue (the worker holds
+#: the RunComfy token, producers need not); runs on the submit queue.
+TASK_CANCEL: Final = "runcomfy.cancel"
 
 QUEUE_FOR_TASK: Final = {
     TASK_SUBMIT: QUEUE_SUBMIT,
     TASK_POLL: QUEUE_POLL,
     TASK_ARCHIVE: QUEUE_ARCHIVE,
     TASK_NOTIFY: QUEUE_NOTIFY,
+    TASK_CANCEL: QUEUE_SUBMIT,
 }
 
 
@@ -44,6 +48,14 @@ class SubmitMessage(BaseModel):
     job_id: JobId
     request: JobRequest
     seq: int = Field(default=0, ge=0, description="0 from producers; retries carry more.")
+
+
+class CancelMessage(BaseModel):
+    """``runcomfy.cancel(job_id)`` on queue ``runcomfy.submit``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: JobId
 
 
 class StepMessage(BaseModel):

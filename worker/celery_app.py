@@ -56,10 +56,21 @@ class ServiceCelery(Celery):
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration derived from settings (see shared notes on Celery over Redis)."""
     visibility = settings.broker.visibility_timeout_s
-    transport = {"visibility_timeout": visibility}
+    sweep = settings.broker.restore_sweep_s
+    # kombu sweeps unacked messages every interval x throttle seconds; keep the product.
+    throttle = 10 if sweep >= 10 else 1
+    transport = {
+        "visibility_timeout": visibility,
+        "unacked_restore_interval": max(1, round(sweep / throttle)),
+        "unacked_restore_throttle": throttle,
+    }
     exchange = Exchange("runcomfy", type="direct")
     return {
         "broker_url": settings.redis.url,
+        # Plain redis:// gets the hardened transport; TLS/sentinel URLs keep kombu's own.
+        "broker_transport": (
+            "worker.broker:Transport" if settings.redis.url.startswith("redis://") else None
+        ),
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,

@@ -27,7 +27,7 @@ from worker.settings import PollSettings
 #: Consecutive malformed status answers tolerated before the job fails.
 MAX_PROTOCOL_ERRORS: Final = 5
 #: Submit attempts (the first included) on retryable upstream errors.
-MAX_SUBMIT_ATTEMPTS: Final = 8
+MAX_SUBMIT_ATTEMPTS: Final = 20
 #: Tries on an output URL that answers 404/410/403 before ``output_unavailable``.
 MAX_UNAVAILABLE_TRIES: Final = 3
 #: Tries on retryable download/result errors before the archive fails.
@@ -85,6 +85,14 @@ def backoff(
     ``min(cap, base * 2**(attempt-1))``; ``jitter`` in [0, 1) picks where."""
     ceiling = min(cap, base * 2.0 ** max(0, attempt - 1))
     return ceiling * (0.5 + 0.5 * min(max(jitter, 0.0), 1.0))
+
+
+def retry_delay(error: ServiceError, attempt: int, jitter: float) -> float:
+    """Wait before retrying after ``error``: upstream's ``Retry-After`` when it sent one (it
+    knows its load better than we do), else exponential backoff for this attempt."""
+    if isinstance(error, RetryableUpstreamError) and error.retry_after_s is not None:
+        return max(0.0, error.retry_after_s)
+    return backoff(attempt, jitter)
 
 
 def poll_interval(elapsed_s: float, poll: PollSettings, jitter: float = 0.5) -> float:
@@ -147,8 +155,7 @@ def decide_poll(
         if error_streak + 1 >= MAX_PROTOCOL_ERRORS:
             return Fail(ErrorCode.UPSTREAM_PROTOCOL_ERROR, str(answer))
         return Reschedule(min(remaining, backoff(error_streak + 1, jitter)), "protocol_error")
-    retry_after = answer.retry_after_s if isinstance(answer, RetryableUpstreamError) else None
-    delay = max(retry_after or 0.0, backoff(error_streak + 1, jitter))
+    delay = retry_delay(answer, error_streak + 1, jitter)
     return Reschedule(min(remaining, delay), "transient_error")
 
 
@@ -165,8 +172,7 @@ def decide_submit_error(
         code = ErrorCode.UPSTREAM_PROTOCOL_ERROR
     else:
         code = ErrorCode.UPSTREAM_UNAVAILABLE
-    retry_after = error.retry_after_s if isinstance(error, RetryableUpstreamError) else None
-    delay = max(retry_after or 0.0, backoff(attempt, jitter))
+    delay = retry_delay(error, attempt, jitter)
     if attempt >= MAX_SUBMIT_ATTEMPTS or age_s + delay >= deadline_s:
         return Fail(code, f"gave up submitting after {attempt} attempts: {error}")
     return Reschedule(delay, "submit_retry")
@@ -205,8 +211,7 @@ def decide_archive_error(
             else ErrorCode.UPSTREAM_UNAVAILABLE
         )
         return Fail(code, f"gave up after {attempt} attempts: {error}")
-    retry_after = error.retry_after_s if isinstance(error, RetryableUpstreamError) else None
-    return Reschedule(max(retry_after or 0.0, backoff(attempt, jitter)), "archive_retry")
+    return Reschedule(retry_delay(error, attempt, jitter), "archive_retry")
 
 
 def _upstream_error_text(error: object) -> str:

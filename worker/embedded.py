@@ -175,3 +175,85 @@ def env_with(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+class WorkerProcess:
+    """A real ``runcomfy-worker worker`` subprocess (tests, demo, benchmarks)."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        args: list[str] | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        import sys
+
+        self.env = env
+        self.argv = [sys.executable, "-m", "worker", "worker", *(args or [])]
+        self.log_path = log_path or tempfile.mktemp(prefix="rcw-worker-", suffix=".log")  # noqa: S306
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: object | None = None
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        assert self._proc is not None
+        return self._proc.pid
+
+    def start(self, ready_timeout_s: float = 30.0) -> Self:
+        """Start and wait for Celery's 'ready' line in the log."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        self._log = log
+        self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self._proc.returncode}:\n{self.log_text()}")
+            if " ready." in self.log_text():
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready after {ready_timeout_s}s:\n{self.log_text()[-4000:]}")
+
+    def log_text(self) -> str:
+        """Everything the worker printed so far."""
+        try:
+            return Path(self.log_path).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        """Is the process still running?"""
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash: nothing is cleaned up)."""
+        import signal
+
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+    def close(self, timeout_s: float = 20.0) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL if it takes too long."""
+        import signal
+
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -43,6 +43,7 @@ from api_contracts.jobs import (
 from api_contracts.messages import (
     QUEUE_FOR_TASK,
     TASK_ARCHIVE,
+    TASK_CANCEL,
     TASK_NOTIFY,
     TASK_POLL,
     TASK_SUBMIT,
@@ -464,6 +465,23 @@ class Pipeline:
                 )
             raise TransitionRefusedError(f"job {job_id} kept changing; try again")
 
+    def cancel_message(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepResult:
+        """``runcomfy.cancel(job_id)``: a producer asked to cancel; the outcome is the record."""
+        job_id = _job_id_from(args, kwargs)
+        if job_id is None or len(args) > 1 or set(kwargs) - {"job_id"}:
+            metrics.MALFORMED_MESSAGES.labels(TASK_CANCEL).inc()
+            log.error("malformed cancel message")
+            return StepResult("malformed")
+        try:
+            job = self.cancel(job_id)
+        except NotCancellableError as exc:
+            log.info("cancel refused: %s", exc)
+            return StepResult("not_cancellable", job_id)
+        except ServiceError as exc:
+            log.warning("cancel failed: %s", exc)
+            return StepResult("cancel_failed", job_id)
+        return StepResult(job.status.value, job_id)
+
     # ================================================================== shared machinery
     def _handoff(
         self, job: StoredJob, task: str, *, countdown: float, **changes: Any
@@ -594,10 +612,12 @@ class _GenerationFailed(ServiceError):
 def event_body(job: StoredJob) -> bytes:
     """The webhook body: identical on every attempt (no delivery log inside)."""
     record = job.record
+    final_at = record.finished_at or record.updated_at
     event = WebhookEvent(
         type=EVENT_FOR_STATUS[record.status],
-        timestamp=record.finished_at or record.updated_at,
-        data=record.model_copy(update={"webhook": None}),
+        timestamp=final_at,
+        # the record as it was when it became final: delivery bookkeeping changes later
+        data=record.model_copy(update={"webhook": None, "updated_at": final_at}),
     )
     return event.model_dump_json().encode()
 

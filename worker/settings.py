@@ -186,6 +186,9 @@ class BrokerSettings(_Section):
     env_prefix_name: ClassVar[str] = "BROKER_"
 
     visibility_timeout_s: int = Field(default=3600, ge=10)
+    restore_sweep_s: float = Field(
+        default=100.0, ge=1, description="How often unacked messages past the timeout are swept."
+    )
 
 
 class WorkerSettings(_Section):

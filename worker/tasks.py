@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from api_contracts.messages import QUEUE_FOR_TASK, TASK_ARCHIVE, TASK_NOTIFY, TASK_POLL, TASK_SUBMIT
+from api_contracts.messages import (
+    QUEUE_FOR_TASK,
+    TASK_ARCHIVE,
+    TASK_CANCEL,
+    TASK_NOTIFY,
+    TASK_POLL,
+    TASK_SUBMIT,
+)
 from worker.pipeline import Pipeline
 
 if TYPE_CHECKING:
@@ -91,3 +98,15 @@ def register_tasks(app: ServiceCelery) -> None:
     )
     def notify(self: Any, *args: Any, **kwargs: Any) -> str:
         return make_pipeline(app).notify(args, kwargs).outcome
+
+    @app.task(
+        name=TASK_CANCEL,
+        bind=True,
+        autoretry_for=_REDIS_ERRORS,
+        retry_backoff=True,
+        retry_backoff_max=60,
+        retry_jitter=True,
+        max_retries=30,
+    )
+    def cancel(self: Any, *args: Any, **kwargs: Any) -> str:
+        return make_pipeline(app).cancel_message(args, kwargs).outcome

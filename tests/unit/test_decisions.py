@@ -240,3 +240,9 @@ def test_archive_errors() -> None:
     assert isinstance(archive_err(flaky, attempt=d.MAX_ARCHIVE_ATTEMPTS), d.Fail)
     limited = archive_err(RetryableUpstreamError("429", retry_after_s=20))
     assert limited == d.Reschedule(20.0, "archive_retry")
+
+
+def test_retry_after_is_honoured_even_when_shorter_than_backoff() -> None:
+    err = RetryableUpstreamError("429", status_code=429, retry_after_s=0.2)
+    assert d.retry_delay(err, attempt=6, jitter=1.0) == 0.2
+    assert d.retry_delay(RetryableUpstreamError("503"), attempt=6, jitter=1.0) == 32.0

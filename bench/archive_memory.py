@@ -1,0 +1,230 @@
+"""Peak memory and throughput of ``Archiver.archive_one`` on a 40 MiB output, next to boto3's
+``upload_file`` of the same bytes from disk.
+
+Run: ``.venv/bin/python bench/archive_memory.py [--size-mib 40] [--repeat 3]``
+
+The S3 endpoint (moto) and the file server (``python -m http.server``) run as separate
+processes, and each measurement runs in a fresh child process, so the figures are the
+archiver's own: peak RSS growth (``ru_maxrss`` minus the RSS just before the run) and
+tracemalloc's peak of Python allocations (a second, separate run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+BUCKET = "bench-archive"
+HERE = Path(__file__).resolve()
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(mode: str, endpoint: str, source: str, path: str, repeat: int) -> dict[str, Any]:
+    """One measurement, in a fresh process: warm up, then time and measure ``mode``."""
+    import boto3
+    import httpx
+    from boto3.s3.transfer import TransferConfig
+
+    from api_contracts.jobs import OutputKind
+    from worker.archive import MAX_IMAGE_BYTES, Archiver, make_s3_client
+    from worker.settings import S3Settings
+
+    settings = S3Settings(bucket=BUCKET, endpoint_url=endpoint, region="us-east-1")
+    s3 = make_s3_client(settings)
+    http = httpx.Client(timeout=60.0)
+    archiver = Archiver(s3, settings, http)
+    size = Path(path).stat().st_size
+    small = source.rsplit("/", 1)[0] + "/small.png"
+    kind = OutputKind.IMAGE if size <= MAX_IMAGE_BYTES else OutputKind.VIDEO
+
+    def run() -> None:
+        job = f"bench-{uuid.uuid4().hex[:8]}"
+        if mode == "archive":
+            archiver.archive_one(job_id=job, request_id="r", index=0, kind=kind, source_url=source)
+        else:
+            s3.upload_file(path, BUCKET, f"{job}/0.png", Config=TransferConfig())
+
+    # Warm up every code path on a small file so imports and lazy loading are not counted.
+    archiver.archive_one(
+        job_id=f"warm-{uuid.uuid4().hex[:8]}",
+        request_id="r",
+        index=0,
+        kind=OutputKind.IMAGE,
+        source_url=small,
+    )
+    boto3.set_stream_logger("nothing", level=100)  # loads logging machinery now, not later
+
+    before = rss_bytes()
+    seconds = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    peak_growth = peak_rss_bytes() - before
+
+    tracemalloc.start()
+    run()
+    _, traced_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    http.close()
+    s3.close()
+    return {
+        "mode": mode,
+        "bytes": size,
+        "seconds": seconds,
+        "rss_before": before,
+        "peak_rss_growth": peak_growth,
+        "tracemalloc_peak": traced_peak,
+    }
+
+
+def wait_for(url: str, timeout_s: float = 20.0) -> None:
+    """Poll until ``url`` answers at all (start-up of a child server)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def write_file(path: Path, size: int) -> None:
+    """Pseudo-random bytes (incompressible), written 1 MiB at a time."""
+    rng = random.Random(42)
+    with path.open("wb") as out:
+        left = size
+        while left:
+            block = rng.randbytes(min(MIB, left))
+            out.write(block)
+            left -= len(block)
+
+
+def main() -> None:
+    """Start the servers, run each mode in a child process, print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=float, default=40.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--child", choices=["archive", "upload_file"], help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        result = child(args.child, args.endpoint, args.source, args.path, args.repeat)
+        print(json.dumps(result))
+        return
+
+    import boto3
+
+    from worker.embedded import EmbeddedS3, env_with, free_port
+
+    bin_dir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory(prefix="bench-archive-") as tmp:
+        big = Path(tmp) / "big.png"
+        write_file(big, int(args.size_mib * MIB))
+        write_file(Path(tmp) / "small.png", 10_000)
+        s3_port, http_port = free_port(), free_port()
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        env = env_with(
+            {
+                "AWS_ACCESS_KEY_ID": EmbeddedS3.ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": EmbeddedS3.SECRET_KEY,
+                "AWS_DEFAULT_REGION": EmbeddedS3.REGION,
+                "AWS_CONFIG_FILE": os.devnull,
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            }
+        )
+        servers = [
+            subprocess.Popen(
+                [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "http.server",
+                    "--bind",
+                    "127.0.0.1",
+                    "-d",
+                    tmp,
+                    str(http_port),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+        ]
+        try:
+            wait_for(endpoint)
+            wait_for(f"http://127.0.0.1:{http_port}/small.png")
+            boto3.session.Session().client(
+                "s3",
+                endpoint_url=endpoint,
+                aws_access_key_id=EmbeddedS3.ACCESS_KEY,
+                aws_secret_access_key=EmbeddedS3.SECRET_KEY,
+                region_name=EmbeddedS3.REGION,
+            ).create_bucket(Bucket=BUCKET)
+            results = []
+            for mode in ("archive", "upload_file"):
+                source = f"http://127.0.0.1:{http_port}/big.png"
+                out = subprocess.run(
+                    [
+                        *(sys.executable, str(HERE), "--child", mode, "--endpoint", endpoint),
+                        *("--source", source, "--path", str(big), "--repeat", str(args.repeat)),
+                    ],
+                    env=env,
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                )
+                if out.returncode:
+                    sys.exit(f"{mode} run failed:\n{out.stderr}")
+                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait(10)
+
+    print(f"object: {args.size_mib:g} MiB, part size 8 MiB, {args.repeat} timed runs each")
+    print(f"{'mode':<12} {'median s':>9} {'MiB/s':>8} {'peak RSS growth':>16} {'tracemalloc':>12}")
+    for r in results:
+        median = statistics.median(r["seconds"])
+        print(
+            f"{r['mode']:<12} {median:>9.3f} {r['bytes'] / MIB / median:>8.1f} "
+            f"{r['peak_rss_growth'] / MIB:>12.1f} MiB {r['tracemalloc_peak'] / MIB:>8.1f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()

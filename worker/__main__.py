@@ -1,0 +1,5 @@
+"""``python -m worker`` is ``runcomfy-worker``."""
+
+from worker.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""kombu's Redis transport, hardened: a message that is not a valid envelope is dropped with
+an error log instead of stopping the worker.
+
+Upstream kombu decodes each popped item inside the event loop (``_brpop_read``/``_get``); one
+item that is not JSON (a broken producer, a stray ``LPUSH``) raises there and Celery treats it
+as an unrecoverable error. The item is already popped at that point, so all we can do is say
+so loudly, count it, and carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+
+_BAD_ENVELOPE = (ValueError, KeyError, TypeError, AttributeError)
+
+
+def _dropped(exc: BaseException) -> None:
+    from worker import metrics
+
+    metrics.MALFORMED_MESSAGES.labels("envelope").inc()
+    log.error("dropped a broker message that is not a valid Celery envelope: %r", exc)
+
+
+class Channel(kombu_redis.Channel):  # type: ignore[misc]
+    """Redis channel that survives undecodable messages."""
+
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)
+        except _BAD_ENVELOPE as exc:
+            _dropped(exc)
+            return True
+
+    def _get(self, queue: str) -> Any:
+        try:
+            return super()._get(queue)
+        except _BAD_ENVELOPE as exc:
+            _dropped(exc)
+            raise kombu_redis.Empty() from None
+
+
+class Transport(kombu_redis.Transport):  # type: ignore[misc]
+    """Use as ``broker_transport = "worker.broker:Transport"``."""
+
+    Channel = Channel

@@ -1,0 +1,126 @@
+"""The emulator's queue: states computed from a clock, no background threads.
+
+Every request waits at least its ``queue_s``; then requests start strictly in submission order
+as soon as one of ``capacity`` slots is free, and run for their ``run_s``. The scheduler is
+advanced lazily to "now" whenever someone looks, which gives the same answer a background
+loop would have reached.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from worker.emulator.faults import RequestFault
+
+State = Literal["in_queue", "in_progress", "completed", "cancelled", "failed"]
+FINAL_STATES: frozenset[State] = frozenset({"completed", "cancelled", "failed"})
+
+
+@dataclass(eq=False)  # identity: the waiting line finds and removes by object
+class EmulatedRequest:
+    """One submitted generation and the timeline the scheduler gave it."""
+
+    request_id: str
+    model_id: str
+    width: int
+    height: int
+    force_single: bool
+    submitted_at: float
+    queue_s: float
+    run_s: float
+    images: int
+    videos: int
+    min_bytes: int
+    fault: RequestFault | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    cancelled_by_client: bool = False
+    ready_at: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ready_at = self.submitted_at + self.queue_s
+
+    def state(self, now: float) -> State:
+        """The state at ``now`` (the scheduler must have been advanced to ``now``)."""
+        if self.cancelled_by_client:
+            return "cancelled"
+        if self.started_at is None:
+            # An upstream-side cancel happens at the moment the request would have started.
+            if self.ended_at is not None and self.ended_at <= now:
+                return "cancelled"
+            return "in_queue"
+        assert self.ended_at is not None
+        if now < self.ended_at:
+            return "in_progress"
+        return "failed" if self.fault == "fail" else "completed"
+
+
+class Scheduler:
+    """Requests by id, the waiting line and the running slots."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, EmulatedRequest] = {}
+        self._waiting: deque[EmulatedRequest] = deque()
+        self._running: list[float] = []  # heap of end times of started requests
+        self._last_start = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def add(self, request: EmulatedRequest) -> None:
+        """Put a new request at the back of the line."""
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def get(self, request_id: str) -> EmulatedRequest | None:
+        """The request with that id, if any."""
+        return self._requests.get(request_id)
+
+    def all(self) -> list[EmulatedRequest]:
+        """Every request, in submission order."""
+        return list(self._requests.values())
+
+    def advance(self, now: float, capacity: int) -> None:
+        """Start every waiting request whose start time (given ``capacity``) is at or before now."""
+        while self._waiting:
+            head = self._waiting[0]
+            earliest = max(head.ready_at, self._last_start)
+            while self._running and self._running[0] <= earliest:
+                heapq.heappop(self._running)
+            busy = len(self._running) - capacity + 1
+            start = (
+                earliest if busy <= 0 else max(earliest, heapq.nsmallest(busy, self._running)[-1])
+            )
+            if start > now:
+                return
+            while self._running and self._running[0] <= start:
+                heapq.heappop(self._running)
+            self._waiting.popleft()
+            self._last_start = start
+            if head.fault == "cancel":
+                head.ended_at = start
+                continue
+            head.started_at = start
+            head.ended_at = start + head.run_s
+            heapq.heappush(self._running, head.ended_at)
+
+    def queue_position(self, request: EmulatedRequest) -> int:
+        """How many requests are ahead of this waiting one (0: next to start)."""
+        return self._waiting.index(request)
+
+    def cancel(self, request: EmulatedRequest, now: float) -> None:
+        """Cancel a waiting request on the client's demand (caller checked it is in_queue)."""
+        self._waiting.remove(request)
+        request.cancelled_by_client = True
+        request.ended_at = now
+
+    def counts(self, now: float) -> dict[str, int]:
+        """How many requests are in each state."""
+        counts = dict.fromkeys(("in_queue", "in_progress", "completed", "cancelled", "failed"), 0)
+        for request in self._requests.values():
+            counts[request.state(now)] += 1
+        return counts

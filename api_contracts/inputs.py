@@ -1,4 +1,4 @@
-"""The model's input schema (bytedance/dreamina-4-0/text-to-image), exactly as upstream documents it.
+"""The model's input schema (bytedance/dreamina-4-0/text-to-image), exactly as upstream has it.
 
 On the wire the size travels under the literal key ``width×height`` (U+00D7). In Python
 and on the command line it is called ``size``, and the short form ``2048x2048`` is
@@ -43,7 +43,7 @@ def normalise_size(value: str) -> str:
         return text
     short = text.split("(", 1)[0]
     full = _SHORT_TO_FULL.get(short)
-    if full is None or (text != short and text != full):
+    if full is None or text not in (short, full):
         allowed = ", ".join(SIZES)
         raise ValueError(f"{value!r} is not an allowed size; allowed: {allowed}")
     return full
@@ -74,7 +74,7 @@ class GenerationInput(BaseModel):
             default=DEFAULT_SIZE,
             alias=SIZE_KEY,
             json_schema_extra={"enum": list(SIZES)},
-            description="Output size; one of the enum values (the short form 2048x2048 is accepted).",
+            description="Output size: an enum value (the short form 2048x2048 is accepted).",
         ),
     ]
     scale: Annotated[
@@ -102,14 +102,14 @@ class GenerationInput(BaseModel):
     @classmethod
     def _normalise_size(cls, value: Any) -> str:
         if not isinstance(value, str):
-            raise ValueError(f"size must be a string, one of: {', '.join(SIZES)}")  # noqa: TRY004
+            raise ValueError(f"size must be a string, one of: {', '.join(SIZES)}")
         return normalise_size(value)
 
     @field_validator("scale", mode="before")
     @classmethod
     def _scale_is_a_real_number(cls, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError("scale must be a number between 0 and 1")  # noqa: TRY004
+            raise ValueError("scale must be a number between 0 and 1")
         if not math.isfinite(value):
             raise ValueError("scale must be a finite number between 0 and 1")
         return value

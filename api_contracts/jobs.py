@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Final, Literal
@@ -80,11 +79,11 @@ class JobRequest(BaseModel):
     webhook_url: WebhookUrl | None = Field(
         default=None, description="Where to POST the signed WebhookEvent when the job ends."
     )
-    idempotency_key: (
-        Annotated[str, StringConstraints(pattern=IDEMPOTENCY_KEY_PATTERN)] | None
-    ) = Field(
-        default=None,
-        description="Same key + same request returns the same job; at most 128 of [A-Za-z0-9._:-].",
+    idempotency_key: Annotated[str, StringConstraints(pattern=IDEMPOTENCY_KEY_PATTERN)] | None = (
+        Field(
+            default=None,
+            description="Same key + same request, same job; at most 128 of [A-Za-z0-9._:-].",
+        )
     )
     metadata: dict[str, str] = Field(
         default_factory=dict,

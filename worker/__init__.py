@@ -1,4 +1,4 @@
-"""runcomfy-worker: Celery workers that run Dreamina 4.0 on RunComfy, archive to S3, sign webhooks."""
+"""runcomfy-worker: Dreamina 4.0 on RunComfy via Celery, archived to S3, with signed webhooks."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -10,6 +10,7 @@ so loudly, count it, and carry on.
 from __future__ import annotations
 
 import logging
+from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -26,25 +27,25 @@ def _dropped(exc: BaseException) -> None:
     log.error("dropped a broker message that is not a valid Celery envelope: %r", exc)
 
 
-class Channel(kombu_redis.Channel):  # type: ignore[misc]
+class Channel(kombu_redis.Channel):
     """Redis channel that survives undecodable messages."""
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
-            return super()._brpop_read(**options)
+            return super()._brpop_read(**options)  # type: ignore[misc]
         except _BAD_ENVELOPE as exc:
             _dropped(exc)
             return True
 
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
         try:
             return super()._get(queue)
         except _BAD_ENVELOPE as exc:
             _dropped(exc)
-            raise kombu_redis.Empty() from None
+            raise Empty() from None
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
+class Transport(kombu_redis.Transport):
     """Use as ``broker_transport = "worker.broker:Transport"``."""
 
     Channel = Channel

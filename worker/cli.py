@@ -23,12 +23,14 @@ def main() -> None:
     """Celery workers that turn image requests into archived outputs and signed webhooks."""
 
 
-@main.command(epilog="""\b
+@main.command(
+    epilog="""\b
 Examples:
   runcomfy-worker schema            # print the schemas as JSON
   runcomfy-worker schema --write    # rewrite api_contracts/schemas/*.json
   runcomfy-worker schema --check    # exit 1 if the committed files differ
-""")
+"""
+)
 @click.option("--write", is_flag=True, help="Rewrite api_contracts/schemas/*.json.")
 @click.option("--check", is_flag=True, help="Exit 1 when the committed files are out of date.")
 def schema(write: bool, check: bool) -> None:
@@ -47,7 +49,9 @@ def schema(write: bool, check: bool) -> None:
             or (SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8") != render(sch)
         ]
         if stale:
-            click.echo(f"out of date: {', '.join(stale)} (run: runcomfy-worker schema --write)", err=True)
+            click.echo(
+                f"out of date: {', '.join(stale)} (run: runcomfy-worker schema --write)", err=True
+            )
             sys.exit(1)
         click.echo("schemas up to date")
         return

@@ -35,7 +35,9 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s") from None
+                raise TimeoutError(
+                    f"nothing listening on {host}:{port} after {timeout_s}s"
+                ) from None
             time.sleep(0.02)
 
 
@@ -211,7 +213,9 @@ class WorkerProcess:
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self._proc.returncode}:\n{self.log_text()}")
+                raise RuntimeError(
+                    f"worker exited with {self._proc.returncode}:\n{self.log_text()}"
+                )
             if " ready." in self.log_text():
                 return self
             time.sleep(0.1)

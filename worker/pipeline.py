@@ -17,6 +17,7 @@ At-least-once delivery is assumed everywhere:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -33,7 +34,6 @@ from api_contracts.jobs import (
     JOB_ID_PATTERN,
     ArchivedOutput,
     JobError,
-    JobRequest,
     JobStatus,
     OutputKind,
     WebhookDelivery,
@@ -100,11 +100,11 @@ class Pipeline:
         self.rt = rt
         self.publish = publish
         self.clock = clock
-        self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self.rng = rng or random.Random()
 
     # ================================================================== submit
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, owner: str) -> StepResult:
-        """``runcomfy.submit(job_id, request, seq=0)``: create if absent, POST once, start polling."""
+        """``runcomfy.submit(job_id, request, seq=0)``: create if absent, POST once, then poll."""
         job_id = _job_id_from(args, kwargs)
         seq = kwargs.get("seq", 0)
         try:
@@ -195,14 +195,23 @@ class Pipeline:
         )
         if isinstance(decision, decisions.Fail):
             log.warning("submit failed: %s", decision.message)
-            self._finish(job, JobStatus.FAILED, JobError(code=decision.code, message=decision.message), lease=None)
+            self._finish(
+                job,
+                JobStatus.FAILED,
+                JobError(code=decision.code, message=decision.message),
+                lease=None,
+            )
             return StepResult("failed", job.id)
         log.info("submit will retry in %.1fs: %s", decision.countdown, exc)
         self._handoff(job, TASK_SUBMIT, countdown=decision.countdown, lease=None, attempt=attempt)
         return StepResult("retry", job.id)
 
     def _reject_invalid_submit(
-        self, job_id: str | None, exc: ValidationError, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        job_id: str | None,
+        exc: ValidationError,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> StepResult:
         """A submit whose request does not validate: the job fails with the field errors."""
         fields = "; ".join(
@@ -210,7 +219,9 @@ class Pipeline:
         )
         is_request_error = all(e["loc"] and e["loc"][0] == "request" for e in exc.errors())
         code = ErrorCode.INVALID_REQUEST if is_request_error else ErrorCode.MALFORMED_MESSAGE
-        return self._fail_unparseable(job_id, TASK_SUBMIT, code, f"invalid submit message: {fields}")
+        return self._fail_unparseable(
+            job_id, TASK_SUBMIT, code, f"invalid submit message: {fields}"
+        )
 
     # ================================================================== poll
     def poll(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepResult:
@@ -314,7 +325,9 @@ class Pipeline:
                     return self._archive_failed(job, exc)
                 metrics.STAGE_SECONDS.labels("archive").observe(time.monotonic() - started)
                 if not outputs:
-                    error = JobError(code=ErrorCode.NO_OUTPUTS, message="upstream returned no outputs")
+                    error = JobError(
+                        code=ErrorCode.NO_OUTPUTS, message="upstream returned no outputs"
+                    )
                     self._finish(job, JobStatus.FAILED, error)
                     return StepResult("failed", job.id)
                 self._finish(job, JobStatus.SUCCEEDED, None, outputs=outputs, attempt=0, since=0.0)
@@ -369,7 +382,9 @@ class Pipeline:
         )
         if isinstance(decision, decisions.Fail):
             log.warning("archive failed: %s", decision.message)
-            self._finish(job, JobStatus.FAILED, JobError(code=decision.code, message=decision.message))
+            self._finish(
+                job, JobStatus.FAILED, JobError(code=decision.code, message=decision.message)
+            )
             return StepResult("failed", job.id)
         log.info("archive will retry in %.1fs: %s", decision.countdown, exc)
         self._handoff(job, TASK_ARCHIVE, countdown=decision.countdown, attempt=attempt, since=since)
@@ -442,7 +457,9 @@ class Pipeline:
                 if job.status.is_terminal:
                     return job
                 if job.status == JobStatus.QUEUED:
-                    error = JobError(code=ErrorCode.CANCELLED, message="cancelled before submission")
+                    error = JobError(
+                        code=ErrorCode.CANCELLED, message="cancelled before submission"
+                    )
                     done = self._finish(job, JobStatus.CANCELLED, error)
                     if done is not None:
                         return done
@@ -454,7 +471,9 @@ class Pipeline:
                         job = self.rt.store.load(job_id)
                         if job.status.is_terminal:
                             return job
-                        error = JobError(code=ErrorCode.CANCELLED, message="cancelled by the producer")
+                        error = JobError(
+                            code=ErrorCode.CANCELLED, message="cancelled by the producer"
+                        )
                         done = self._finish(job, JobStatus.CANCELLED, error, queue_position=None)
                         if done is not None:
                             return done
@@ -504,7 +523,9 @@ class Pipeline:
         """Move to a final state; hand off to notify when there is a webhook to send."""
         has_webhook = job.record.webhook is not None
         if has_webhook:
-            after = self._handoff(job, TASK_NOTIFY, countdown=0, status=status, error=error, **changes)
+            after = self._handoff(
+                job, TASK_NOTIFY, countdown=0, status=status, error=error, **changes
+            )
         else:
             after = self.rt.store.update(
                 job, status=status, error=error, seq=job.seq + 1, outbox=None, **changes
@@ -513,9 +534,7 @@ class Pipeline:
             metrics.JOBS_FINISHED.labels(status.value).inc()
             if error is not None:
                 metrics.JOB_ERRORS.labels(error.code).inc()
-            log.info(
-                "job %s%s", status.value, f" ({error.code}: {error.message})" if error else ""
-            )
+            log.info("job %s%s", status.value, f" ({error.code}: {error.message})" if error else "")
         return after
 
     def _send(self, task: str, job_id: str, seq: int, countdown: float, **kwargs: Any) -> None:
@@ -539,14 +558,18 @@ class Pipeline:
         if job.seq == seq:
             return True
         outbox = job.outbox
-        if (
-            outbox is not None
-            and outbox.seq == job.seq
-            and seq == job.seq - 1
-            and self.clock() > outbox.due_at + OUTBOX_GRACE_S
-        ):
-            log.warning("republishing %s seq %d: it was promised but never ran", outbox.task, outbox.seq)
-            self._send(outbox.task, job.id, outbox.seq, 0.0)
+        if outbox is not None and outbox.seq == job.seq and seq == job.seq - 1:
+            # The message just before a hand-off: a duplicate, or a redelivery after its
+            # worker died between the hand-off's write and its publish.
+            overdue_in = outbox.due_at + OUTBOX_GRACE_S - self.clock()
+            if overdue_in <= 0:
+                log.warning(
+                    "republishing %s seq %d: it was promised but never ran", outbox.task, outbox.seq
+                )
+                self._send(outbox.task, job.id, outbox.seq, 0.0)
+            else:
+                # Too early to tell: look again once the promised message is overdue.
+                self._send(task, job.id, seq, overdue_in + 1.0)
             return False
         metrics.STALE_MESSAGES.labels(task).inc()
         log.info("stale %s message (seq %d, job at %d); ignored", task, seq, job.seq)
@@ -595,10 +618,8 @@ class Pipeline:
                 return StepResult("malformed", job_id)
             if job.status.is_terminal:
                 return StepResult("malformed", job_id)
-            try:
+            with contextlib.suppress(TransitionRefusedError):
                 self._finish(job, JobStatus.FAILED, error)
-            except TransitionRefusedError:
-                pass
         return StepResult("malformed", job_id)
 
     def _age(self, job: StoredJob) -> float:

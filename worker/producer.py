@@ -68,7 +68,9 @@ class Producer:
         self.rt = runtime
         self.app = celery_app
 
-    def enqueue(self, request: JobRequest | dict[str, Any], *, job_id: str | None = None) -> JobRecord:
+    def enqueue(
+        self, request: JobRequest | dict[str, Any], *, job_id: str | None = None
+    ) -> JobRecord:
         """Validate, create the record (``queued``) and enqueue submit; idempotent by key."""
         req = parse_request(request)
         if req.webhook_url:

@@ -17,7 +17,9 @@ def worker_argv(extra: list[str]) -> list[str]:
         argv += ["-Q", ",".join(ALL_QUEUES)]
     if not given & {"-P", "--pool"} and not any(a.startswith("--pool=") for a in extra):
         argv += ["-P", DEFAULT_POOL]
-    if not given & {"-c", "--concurrency"} and not any(a.startswith("--concurrency=") for a in extra):
+    if not given & {"-c", "--concurrency"} and not any(
+        a.startswith("--concurrency=") for a in extra
+    ):
         argv += ["-c", DEFAULT_CONCURRENCY]
     if not given & {"-l", "--loglevel"} and not any(a.startswith("--loglevel=") for a in extra):
         argv += ["-l", "INFO"]

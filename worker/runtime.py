@@ -55,7 +55,14 @@ class Runtime:
 
     @cached_property
     def guard(self) -> UrlGuard:
-        """SSRF guard for producer- and upstream-supplied URLs."""
+        """SSRF guard for producer-supplied URLs (webhook targets)."""
+        from worker.ssrf import UrlGuard
+
+        return UrlGuard(allow_private=self.settings.allow_private_networks)
+
+    @cached_property
+    def download_guard(self) -> UrlGuard:
+        """SSRF guard for upstream-supplied output URLs: the RunComfy host is always allowed."""
         from worker.ssrf import UrlGuard
 
         host = urlsplit(self.settings.runcomfy.base_url).hostname or ""
@@ -71,7 +78,7 @@ class Runtime:
 
         rc = self.settings.runcomfy
         timeout = httpx.Timeout(rc.download_timeout_s, connect=rc.connect_timeout_s)
-        return guarded_client(self.guard, timeout=timeout)
+        return guarded_client(self.download_guard, timeout=timeout)
 
     @cached_property
     def archiver(self) -> Archiver:

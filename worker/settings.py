@@ -96,7 +96,9 @@ class S3Settings(_Section):
     @field_validator("bucket")
     @classmethod
     def _bucket_name(cls, value: str) -> str:
-        if not (3 <= len(value) <= 63) or not all(c.islower() or c.isdigit() or c in ".-" for c in value):
+        if not (3 <= len(value) <= 63) or not all(
+            c.islower() or c.isdigit() or c in ".-" for c in value
+        ):
             raise ValueError("must be a valid S3 bucket name (3-63 of a-z 0-9 . -)")
         return value
 

@@ -79,7 +79,9 @@ class Stack:
         return worker.start()
 
 
-def stack_env(redis_url: str, s3: EmbeddedS3, emulator: EmulatorServer, **extra: str) -> dict[str, str]:
+def stack_env(
+    redis_url: str, s3: EmbeddedS3, emulator: EmulatorServer, **extra: str
+) -> dict[str, str]:
     """The worker environment for this stack."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
     env.update(s3.credentials_env())

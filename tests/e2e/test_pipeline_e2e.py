@@ -85,7 +85,9 @@ def test_single_image_archived_and_webhook_verified(stack: Stack) -> None:
 
 def test_image_set_gives_ordered_outputs(stack: Stack) -> None:
     stack.emulator.update_config(images_per_set=3)
-    job_id = submit(stack, input={"prompt": "three cats", "size": "2304x1728", "force_single": False})
+    job_id = submit(
+        stack, input={"prompt": "three cats", "size": "2304x1728", "force_single": False}
+    )
     record = stack.wait(job_id)
     assert record.status == JobStatus.SUCCEEDED, record.error
     assert [(o.kind.value, o.index) for o in record.outputs] == [
@@ -117,7 +119,9 @@ def test_upstream_cancelled(stack: Stack) -> None:
     record = stack.wait_webhook(job_id)
     assert record.status == JobStatus.CANCELLED
     assert record.error is not None and record.error.code == "upstream_cancelled"
-    events = [d.event for d in stack.receiver.deliveries() if d.event and d.event["data"]["id"] == job_id]
+    events = [
+        d.event for d in stack.receiver.deliveries() if d.event and d.event["data"]["id"] == job_id
+    ]
     assert [e["type"] for e in events] == ["job.cancelled"]
 
 
@@ -218,7 +222,10 @@ def test_malformed_messages_on_every_queue_do_not_stop_the_worker(stack: Stack) 
     assert record.status == JobStatus.SUCCEEDED
     failed = stack.wait(live)
     assert failed.status == JobStatus.FAILED
-    assert failed.error is not None and failed.error.code in ("invalid_request", "malformed_message")
+    assert failed.error is not None and failed.error.code in (
+        "invalid_request",
+        "malformed_message",
+    )
     assert "prompt" in failed.error.message
     assert all(w.alive() for w in stack.workers)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -16,6 +19,7 @@ import pytest
 
 from api_contracts.inputs import SIZE_KEY
 from api_contracts.upstream import ResultResponse, StatusResponse, SubmitResponse
+from worker.embedded import free_port, wait_for_port
 from worker.emulator import EmulatorConfig, EmulatorServer, FaultRule
 from worker.emulator.png import PAD_CHUNK_TYPE
 
@@ -669,7 +673,12 @@ def test_one_log_line_per_request_without_the_token(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="worker.emulator")
     submit(http)
-    lines = [r.getMessage() for r in caplog.records if r.name == "worker.emulator"]
+    deadline = time.monotonic() + 2
+    while True:  # the line is written once the answer is sent, so it may trail the answer
+        lines = [r.getMessage() for r in caplog.records if r.name == "worker.emulator"]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert len(lines) == 1
     assert lines[0].startswith(f"POST {SUBMIT} -> 200")
     assert TOKEN not in lines[0]
@@ -687,3 +696,37 @@ def test_close_ends_idle_keep_alive_connections() -> None:
 def test_port_in_use_raises() -> None:
     with EmulatorServer() as first, pytest.raises(OSError, match="in use"):
         EmulatorServer(port=first.port).start()
+
+
+def test_cli_serves_until_sigterm() -> None:
+    port = free_port()
+    code = "from worker.emulator.cli import emulator_command; emulator_command()"
+    args = ["--port", str(port), "--token", "cli", "--queue-s", "0", "--fault-rate", "503@cancel=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port("127.0.0.1", port)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            answer = client.post(
+                SUBMIT, json={"prompt": "x"}, headers={"Authorization": "Bearer cli"}
+            )
+            assert answer.status_code == 200
+            rid = answer.json()["request_id"]
+            cancel = client.post(
+                f"/v1/requests/{rid}/cancel", headers={"Authorization": "Bearer cli"}
+            )
+            assert cancel.status_code == 503
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert f"listening on http://127.0.0.1:{port}" in output
+    assert f"POST {SUBMIT} -> 200" in output
+    assert "Bearer" not in output

@@ -74,7 +74,9 @@ def test_final_states_are_final() -> None:
     ("elapsed", "expected"),
     [(0, 1.0), (5, 1.0), (10, 1.0), (20, 2.0), (100, 10.0), (299, 29.9), (3000, 30.0)],
 )
-def test_poll_interval_is_ten_percent_of_elapsed_within_bounds(elapsed: float, expected: float) -> None:
+def test_poll_interval_is_ten_percent_of_elapsed_within_bounds(
+    elapsed: float, expected: float
+) -> None:
     assert d.poll_interval(elapsed, POLL, jitter=0.5) == pytest.approx(expected)
 
 

@@ -308,20 +308,38 @@ def test_dockerfile_label_names_the_image() -> None:
     assert f'org.opencontainers.image.title="{IMAGE_NAME}"' in labels
 
 
-def test_dockerfile_copies_only_what_exists_and_dockerignore_allows() -> None:
-    allowed = {
-        line[1:].rstrip("/")
-        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
-        if line.startswith("!")
-    }
+def copy_sources() -> list[str]:
+    """Sources of the Dockerfile's COPY instructions from the build context."""
+    sources: list[str] = []
     for keyword, rest in dockerfile_instructions():
-        if keyword != "COPY" or rest.startswith("--from"):
-            continue
-        *sources, _dest = rest.split()
-        for source in sources:
-            assert (ROOT / source).exists(), f"COPY source {source} is missing"
-            assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
-    assert ".env" not in allowed
+        if keyword == "COPY" and not rest.startswith("--from"):
+            sources.extend(rest.split()[:-1])
+    return sources
+
+
+def test_dockerfile_copy_sources_exist() -> None:
+    assert copy_sources()
+    for source in copy_sources():
+        assert (ROOT / source).exists(), f"COPY source {source} is missing"
+
+
+def test_dockerignore_sends_the_sources_and_nothing_private() -> None:
+    build = pytest.importorskip("docker.utils.build", reason="optional: the docker SDK")
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    context = build.exclude_paths(str(ROOT), patterns, dockerfile="deploy/Dockerfile")
+    for source in copy_sources():
+        assert any(p == source or p.startswith(f"{source}/") for p in context), source
+    assert "worker/health.py" in context
+    leaked = [
+        p
+        for p in context
+        if p.startswith((".env", ".venv/", ".git/", "tests/")) or "__pycache__" in p
+    ]
+    assert not leaked, f"sent to the build: {leaked[:5]}"
 
 
 # --------------------------------------------------------------------------- .env.example

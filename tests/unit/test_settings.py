@@ -92,7 +92,9 @@ def test_every_contract_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> Non
         ("BROKER_VISIBILITY_TIMEOUT_S", "1"),
     ],
 )
-def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+def test_bad_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as info:
         load_settings()

@@ -1,0 +1,91 @@
+"""The floors the service is measured against: a tiny Celery app on the same broker settings.
+
+``celery -A bench.baseline_app worker -P threads -c 8`` (started by the benchmarks with the
+stack's environment; ``REDIS_URL`` names the broker) runs:
+
+* ``bench.hop``: a bare chain. Each hop publishes the next one (countdown 0) onto the queue of
+  the matching service step (submit → poll → archive → notify); the last hop counts the chain
+  as done with one ``INCR``. No other I/O: what Celery on Redis costs per hop, nothing else.
+* ``bench.noop``: does nothing (the raw ``delay()`` enqueue floor; never consumed there).
+* ``bench.naive_poll``: the design the service avoids. It submits upstream, then loops
+  ``time.sleep(poll)`` + a status call *inside the task*, so one pool slot is busy for the
+  whole generation: a threads pool of 8 holds 8 generations in flight, no more.
+
+The configuration is the service's own (``worker.celery_app.celery_config``: hardened
+transport, acks_late, prefetch 1, the same four queues), so the only difference is the tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import httpx
+import redis
+from celery import Celery
+
+from api_contracts.messages import ALL_QUEUES
+from worker.celery_app import celery_config
+from worker.settings import load_settings
+
+#: Redis key the last hop of a bare chain increments.
+CHAIN_DONE_KEY = "bench:chain:done"
+#: Redis set of upstream request ids the naive poller is holding right now.
+NAIVE_ACTIVE_KEY = "bench:naive:active"
+HOPS = len(ALL_QUEUES)
+MODEL_PATH = "/v1/models/bytedance/dreamina-4-0/text-to-image"
+
+_settings = load_settings()
+app = Celery("bench_baseline")
+app.conf.update(celery_config(_settings))
+app.conf.task_routes = {
+    "bench.noop": {"queue": ALL_QUEUES[0], "routing_key": ALL_QUEUES[0]},
+    "bench.naive_poll": {"queue": ALL_QUEUES[0], "routing_key": ALL_QUEUES[0]},
+}
+
+_clients: dict[str, Any] = {}
+
+
+def _redis() -> redis.Redis:
+    client = _clients.get("redis")
+    if client is None:
+        client = _clients["redis"] = redis.Redis.from_url(_settings.redis.url)
+    return client  # type: ignore[no-any-return]
+
+
+@app.task(name="bench.hop")
+def hop(chain_id: int, n: int) -> None:
+    """Hop ``n`` (1-based) of a chain: publish hop n+1 to the next queue, or count it done."""
+    if n >= HOPS:
+        _redis().incr(CHAIN_DONE_KEY)
+        return
+    queue = ALL_QUEUES[n]
+    app.send_task("bench.hop", args=[chain_id, n + 1], queue=queue, routing_key=queue)
+
+
+@app.task(name="bench.noop")
+def noop(*args: Any, **kwargs: Any) -> None:
+    """Nothing: the enqueue floor."""
+
+
+@app.task(name="bench.naive_poll")
+def naive_poll(prompt: str, poll_s: float, max_s: float) -> str:
+    """Submit, then sleep-and-poll inside the task until done (or ``max_s``)."""
+    base = os.environ["RUNCOMFY_BASE_URL"]
+    token = os.environ["RUNCOMFY_API_TOKEN"]
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + max_s
+    with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+        body = {"prompt": prompt, "size": "1024x1024", "force_single": True}
+        request_id = client.post(MODEL_PATH, json=body).json()["request_id"]
+        _redis().sadd(NAIVE_ACTIVE_KEY, request_id)
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(poll_s)
+                status = client.get(f"/v1/requests/{request_id}/status").json()["status"]
+                if status in ("completed", "failed", "cancelled"):
+                    return str(status)
+        finally:
+            _redis().srem(NAIVE_ACTIVE_KEY, request_id)
+    return "gave_up"

@@ -1,0 +1,393 @@
+"""What every figure shares: the stack (Redis, S3, emulator, receiver), workers, RSS, rows.
+
+Servers bind to 127.0.0.1 only. moto runs as its own process so the S3 side does not share
+this process's GIL with the emulator and the webhook receiver, which run here as threads
+(their counters and clocks are read directly).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from worker.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess, free_port, wait_for_port
+from worker.emulator import EmulatorConfig, EmulatorServer
+from worker.receiver import WebhookReceiver
+
+ROOT = Path(__file__).resolve().parent.parent
+INJECT_DIR = Path(__file__).resolve().parent / "_inject"
+TOKEN = "bench-runcomfy-token"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"bench-webhook-secret-0123456789").decode()
+BUCKET = "bench-archive"
+MIB = 1024 * 1024
+
+#: Environment for anything that may touch boto3: never a real profile or credentials.
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": EmbeddedS3.ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": EmbeddedS3.SECRET_KEY,
+    "AWS_DEFAULT_REGION": EmbeddedS3.REGION,
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (as opposed to a target that was missed)."""
+
+
+# ---------------------------------------------------------------------------- result rows
+@dataclass
+class Row:
+    """One line of the table: a figure, its same-run baseline, and the target it is held to."""
+
+    figure: str
+    value: float | None
+    unit: str
+    baseline: float | None = None
+    baseline_unit: str = ""
+    target: str = "report"
+    #: True = PASS, False = MISS, None = reported only (no target, or no ratio target).
+    passed: bool | None = None
+    note: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """value / baseline, when both are there."""
+        if self.value is None or not self.baseline:
+            return None
+        return self.value / self.baseline
+
+    @property
+    def verdict(self) -> str:
+        """PASS, MISS or INFO."""
+        if self.passed is None:
+            return "INFO"
+        return "PASS" if self.passed else "MISS"
+
+    def as_json(self) -> dict[str, Any]:
+        """The row for the JSON file."""
+        return {
+            "figure": self.figure,
+            "value": self.value,
+            "unit": self.unit,
+            "baseline": self.baseline,
+            "baseline_unit": self.baseline_unit or self.unit,
+            "ratio": self.ratio,
+            "target": self.target,
+            "verdict": self.verdict,
+            "note": self.note,
+            "details": self.details,
+        }
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    """A number for the table: 3 significant digits, thousands separated, unit appended."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.2f}"
+    return f"{text} {unit}".strip()
+
+
+# ---------------------------------------------------------------------------- waiting
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05
+) -> float:
+    """Poll ``predicate`` until true; returns the seconds waited, BenchError after timeout."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+# ---------------------------------------------------------------------------- memory
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as fh:
+                found.extend(int(p) for p in fh.read().split())
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(_children(current))
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of one process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """VmRSS summed over a process and its descendants (prefork children included)."""
+    return sum(rss_bytes(p) for p in process_tree(pid))
+
+
+# ---------------------------------------------------------------------------- processes
+class S3Process:
+    """moto's S3 server as a separate process on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> S3Process:
+        """Start and wait until it accepts connections."""
+        binary = Path(sys.executable).parent / "moto_server"
+        argv = (
+            [str(binary)]
+            if binary.exists()
+            else [sys.executable, "-m", "moto.server"]
+        )
+        self._proc = subprocess.Popen(
+            [*argv, "-H", "127.0.0.1", "-p", str(self.port)],
+            env={**os.environ, **AWS_ENV},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for_port("127.0.0.1", self.port, timeout_s=30)
+        return self
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this endpoint."""
+        import boto3
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=EmbeddedS3.ACCESS_KEY,
+            aws_secret_access_key=EmbeddedS3.SECRET_KEY,
+            region_name=EmbeddedS3.REGION,
+        )
+
+    def create_bucket(self, bucket: str) -> None:
+        """Create a bucket; waits for moto to answer HTTP (the port opens a little early)."""
+        client = self.client()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                    client.create_bucket(Bucket=bucket)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        """Stop it."""
+        if self._proc is not None:
+            stop(self._proc)
+            self._proc = None
+
+
+def stop(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """SIGTERM, wait, SIGKILL if needed (only our own child)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Worker(WorkerProcess):
+    """A worker subprocess: the service's (``python -m worker worker``) or a bench Celery app.
+
+    ``start`` waits for Celery's "ready" line; ``close`` is a warm shutdown, then SIGKILL.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        pool: str = "threads",
+        concurrency: int = 8,
+        app_module: str | None = None,
+        queues: str | None = None,
+        name: str = "worker",
+    ) -> None:
+        log = tempfile.mktemp(prefix=f"bench-{name}-", suffix=".log")  # noqa: S306
+        args = ["-P", pool, "-c", str(concurrency), "--without-mingle", "--without-gossip"]
+        args += ["--without-heartbeat", "-n", f"{name}-{os.getpid()}@%h"]
+        super().__init__(env, args=args, log_path=log)
+        if app_module is not None:
+            self.argv = [sys.executable, "-m", "celery", "-A", app_module, "worker", *args]
+            self.argv += ["-l", "INFO"]
+            if queues:
+                self.argv += ["-Q", queues]
+
+    def rss(self) -> int:
+        """RSS of the worker and its children."""
+        return tree_rss_bytes(self.pid)
+
+    def close(self, timeout_s: float = 20.0) -> None:
+        """Warm shutdown, then remove the log file."""
+        super().close(timeout_s)
+        with contextlib.suppress(OSError):
+            os.unlink(self.log_path)
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    """A child environment: ours, plus the repo and the injector on PYTHONPATH, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BENCH_"))}
+    env.update(AWS_ENV)
+    paths = [str(INJECT_DIR), str(ROOT)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------------------- the stack
+class Stack:
+    """Redis + S3 + emulator + webhook receiver, and worker environments that point at them."""
+
+    def __init__(self, emulator: EmulatorConfig | None = None, *, s3: bool = True) -> None:
+        self._want_s3 = s3
+        self._emulator_config = emulator or EmulatorConfig(token=TOKEN, queue_s=0, run_s=0)
+        self.redis_server = EmbeddedRedis()
+        self.s3: S3Process | None = None
+        self.emulator = EmulatorServer(self._emulator_config)
+        self.receiver = WebhookReceiver(WEBHOOK_SECRET)
+        self._exit = contextlib.ExitStack()
+        self.redis: redis.Redis = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Stack:
+        try:
+            self._exit.enter_context(self.redis_server)
+            self.redis = redis.Redis.from_url(self.redis_server.url)
+            self._exit.callback(self.redis.close)
+            if self._want_s3:
+                self.s3 = S3Process().start()
+                self._exit.callback(self.s3.close)
+                self.s3.create_bucket(BUCKET)
+            self._exit.enter_context(self.emulator)
+            self._exit.enter_context(self.receiver)
+        except BaseException:
+            self._exit.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._exit.close()
+
+    def redis_url(self, db: int = 0) -> str:
+        """URL of database ``db`` on the stack's Redis."""
+        return f"redis://127.0.0.1:{self.redis_server.port}/{db}"
+
+    def env(self, db: int = 0, **extra: str) -> dict[str, str]:
+        """A worker environment for this stack (settings as the e2e tests use, then ``extra``)."""
+        values = {
+            "REDIS_URL": self.redis_url(db),
+            "RUNCOMFY_BASE_URL": self.emulator.base_url,
+            "RUNCOMFY_API_TOKEN": TOKEN,
+            "S3_BUCKET": BUCKET,
+            "S3_PREFIX": "bench/",
+            "WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "WEBHOOK_TIMEOUT_S": "5",
+            "ALLOW_PRIVATE_NETWORKS": "true",
+            "WORKER_LOG_JSON": "true",
+            "WORKER_LOG_LEVEL": "INFO",
+        }
+        if self.s3 is not None:
+            values["S3_ENDPOINT_URL"] = self.s3.endpoint_url
+        values.update(extra)
+        return bench_env(**values)
+
+    def settings(self, db: int = 0, **extra: str) -> Any:
+        """Service Settings for this stack, as a worker with ``env(db, **extra)`` would load them."""
+        from worker.settings import load_settings
+
+        env = self.env(db, **extra)
+        with patched_environ(env):
+            return load_settings()
+
+    def producer(self, db: int = 0, **extra: str) -> Any:
+        """A Producer (and its Celery app) on this stack; close with ``app.close_runtime()``."""
+        from worker.celery_app import create_app
+        from worker.producer import Producer
+
+        app = create_app(self.settings(db, **extra))
+        return Producer(app.runtime, app)
+
+
+@contextlib.contextmanager
+def patched_environ(env: dict[str, str]) -> Iterator[None]:
+    """Temporarily replace os.environ (settings are read from it once)."""
+    old = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def job_request(webhook_url: str | None = None, n: int = 0) -> dict[str, Any]:
+    """A small, valid job request: one 1024x1024 image."""
+    request: dict[str, Any] = {
+        "input": {"prompt": f"bench image {n}", "size": "1024x1024", "force_single": True},
+    }
+    if webhook_url:
+        request["webhook_url"] = webhook_url
+    return request
+
+
+def unacked(client: redis.Redis) -> int:
+    """Messages a worker holds (delivered, not acked): kombu's ``unacked`` hash."""
+    return int(client.hlen("unacked"))
+
+
+def queue_lengths(client: redis.Redis) -> dict[str, int]:
+    """Messages waiting in each service queue."""
+    from api_contracts.messages import ALL_QUEUES
+
+    return {q: int(client.llen(q)) for q in ALL_QUEUES}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import re
 import threading
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -48,13 +47,12 @@ class Monitor:
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
-    s = stack_factory(
+def stack(stack_factory) -> Stack:  # type: ignore[no-untyped-def]
+    return stack_factory(
         EmulatorConfig(token=TOKEN, queue_s=0.1, run_s=0.2, capacity=16, seed=11),
         AWS_SECRET_ACCESS_KEY=S3_SECRET,
         WORKER_LOG_LEVEL="DEBUG",
     )
-    yield s
 
 
 def secrets() -> list[str]:

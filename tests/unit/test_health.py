@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -159,6 +160,7 @@ def test_heartbeat_records_loop_ticks() -> None:
 def test_heartbeat_write_failure_does_not_raise(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="worker.health")
     beat = Heartbeat(tmp_path / "missing-dir" / "hb", interval_s=1)
     beat.write()
     beat.write()

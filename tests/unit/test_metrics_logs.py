@@ -272,6 +272,7 @@ def test_redacting_filter_masks_message_args_exception_and_extras() -> None:
     log = logging.getLogger("worker.test.redact")
     log.addHandler(handler)
     log.propagate = False
+    log.setLevel(logging.INFO)  # independent of whatever the root level is now
     try:
         log.warning("calling with %s", f"Bearer {secret}", extra={"header": secret})
         try:
@@ -281,6 +282,7 @@ def test_redacting_filter_masks_message_args_exception_and_extras() -> None:
     finally:
         log.removeHandler(handler)
         log.propagate = True
+        log.setLevel(logging.NOTSET)
     text = stream.getvalue()
     assert secret not in text
     first, second = json_lines(text)

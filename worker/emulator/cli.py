@@ -90,6 +90,13 @@ def _parse_rates(values: tuple[str, ...]) -> dict[str, float]:
     metavar="KIND=P",
     help="Probability of a fault per call (repeatable), e.g. 500=0.1 or slow@result=0.05.",
 )
+@click.option(
+    "--public-base-url",
+    default=None,
+    metavar="URL",
+    help="Base of the URLs it hands out (e.g. http://emulator:8188 inside docker compose); "
+    "default: the address it listens on.",
+)
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def emulator_command(
     *,
@@ -104,6 +111,7 @@ def emulator_command(
     output_min_bytes: int,
     seed: int,
     fault_rates: tuple[str, ...],
+    public_base_url: str | None,
     log_level: str,
 ) -> None:
     """Run a local RunComfy Model API emulator (no real token needed)."""
@@ -118,6 +126,7 @@ def emulator_command(
             output_min_bytes=output_min_bytes,
             seed=seed,
             fault_rates=_parse_rates(fault_rates),
+            public_base_url=public_base_url,
         )
     except ValidationError as exc:
         raise click.UsageError(

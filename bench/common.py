@@ -293,6 +293,24 @@ class Worker(WorkerProcess):
             os.unlink(self.log_path)
 
 
+def start_all(workers: list[Worker]) -> None:
+    """Start several workers at once (each start mostly waits for imports)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(workers)) as pool:
+        for future in [pool.submit(w.start) for w in workers]:
+            future.result()
+
+
+def close_all(workers: list[Worker]) -> None:
+    """Warm-shut several workers down at once (each takes about a second, mostly waiting)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, len(workers))) as pool:
+        for future in [pool.submit(w.close) for w in workers]:
+            future.result()
+
+
 def bench_env(**extra: str) -> dict[str, str]:
     """A child environment: ours, plus the repo and the injector on PYTHONPATH, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BENCH_"))}

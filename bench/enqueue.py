@@ -126,7 +126,7 @@ def measure(stack: Stack, n: int) -> dict[str, float]:
 
 def run(stack: Stack, quick: bool) -> list[Row]:
     """Loop and batched enqueue rates vs raw delay()."""
-    n = 2_000 if quick else 10_000
+    n = 1_000 if quick else 10_000
     stack.redis.flushall()
     rates = measure(stack, n)
     raw = rates["raw_delay"]

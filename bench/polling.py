@@ -28,7 +28,17 @@ from typing import Any
 
 import redis
 
-from bench.common import BenchError, Row, Stack, Worker, job_request, percentile, wait_until
+from bench.common import (
+    BenchError,
+    Row,
+    Stack,
+    Worker,
+    close_all,
+    job_request,
+    percentile,
+    start_all,
+    wait_until,
+)
 from worker.constants import EVENTS_CHANNEL_PREFIX
 from worker.decisions import poll_interval
 from worker.settings import PollSettings
@@ -127,8 +137,7 @@ def real_runs(stack: Stack, runtimes: list[float], jobs_per_runtime: int) -> dic
     watcher = _Detections(stack.redis_url())
     planned: dict[str, dict[str, float]] = {name: {} for name in schedules}  # job -> runtime
     try:
-        for worker in workers.values():
-            worker.start()
+        start_all(list(workers.values()))
         submitted = stack.emulator.counters()["submits"]
         per_batch = max(1, jobs_per_runtime // SUB_BATCHES)
         for runtime_s in runtimes:
@@ -169,8 +178,7 @@ def real_runs(stack: Stack, runtimes: list[float], jobs_per_runtime: int) -> dic
             results[name] = {str(r): _summary(c, d) for r, (c, d) in per_runtime.items()}
     finally:
         watcher.close()
-        for worker in workers.values():
-            worker.close()
+        close_all(list(workers.values()))
         for producer in producers.values():
             producer.app.close_runtime()
     return results

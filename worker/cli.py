@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 
 import click
 
+from api_contracts.inputs import SIZES
 from worker import __version__
 
 if TYPE_CHECKING:
@@ -216,10 +217,7 @@ def _final_exit(record: JobRecord) -> None:
 
 
 # ====================================================================== producer commands
-_SIZES_HELP = (
-    "1024x1024, 2048x2048, 2304x1728, 2496x1664, 2560x1440, 3024x1296, 4096x4096, "
-    "4694x3520, 4992x3328, 5404x3040, 6198x2656"
-)
+_SIZES_HELP = ", ".join(size.split("(", 1)[0] for size in SIZES)
 
 
 @main.command(
@@ -259,7 +257,9 @@ nothing is queued then.
     help="Echoed in the record and webhook (repeatable).",
 )
 @click.option("--wait", "wait_", is_flag=True, help="Follow the job until it is final.")
-@click.option("--timeout", type=float, default=None, help="With --wait: give up after SECONDS.")
+@click.option(
+    "--timeout", type=float, default=None, metavar="SECONDS", help="With --wait: give up then."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the JobRecord as JSON.")
 @_redis_url_option
 def submit(
@@ -347,7 +347,9 @@ failed, was cancelled, is unknown or the timeout passed.
 """
 )
 @click.argument("job_id")
-@click.option("--timeout", type=float, default=None, help="Give up after SECONDS. [default: none]")
+@click.option(
+    "--timeout", type=float, default=None, metavar="SECONDS", help="Give up then. [default: never]"
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final JobRecord as JSON.")
 @_redis_url_option
 def wait(job_id: str, timeout: float | None, as_json: bool, redis_url: str | None) -> None:
@@ -375,7 +377,7 @@ final        nothing to do; exit 0 if it is cancelled, else 1
 )
 @click.argument("job_id")
 @click.option(
-    "--timeout", type=float, default=30.0, show_default=True,
+    "--timeout", type=float, default=30.0, show_default=True, metavar="SECONDS",
     help="How long to wait for a job in RunComfy's queue to be cancelled.",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the JobRecord as JSON.")
@@ -419,8 +421,8 @@ anything failed.
     type=click.Path(file_okay=False), help="Where the archived images are copied.",
 )  # fmt: skip
 @click.option(
-    "--timeout", type=float, default=120.0, show_default=True,
-    help="Give up on the jobs after SECONDS.",
+    "--timeout", type=float, default=120.0, show_default=True, metavar="SECONDS",
+    help="Give up on the jobs then.",
 )  # fmt: skip
 def demo(output_dir: str, timeout: float) -> None:
     """Run the whole pipeline end to end on embedded Redis, S3 and RunComfy emulator."""

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
+from pydantic import ValidationError
 
 from api_contracts.jobs import JobRecord, JobRequest, JobStatus
 from api_contracts.messages import QUEUE_FOR_TASK, TASK_CANCEL
@@ -54,7 +55,7 @@ from worker.errors import (
 )
 from worker.producer import InvalidRequestError, Producer
 from worker.runtime import Runtime
-from worker.settings import RedisSettings, Settings, load_settings
+from worker.settings import ConfigError, RedisSettings, Settings, load_settings
 from worker.store import events_channel
 
 if TYPE_CHECKING:
@@ -165,9 +166,17 @@ class Client:
         if settings is None:
             settings = load_settings(redis={"url": redis_url}) if redis_url else load_settings()
         elif redis_url is not None:
-            settings = settings.model_copy(update={"redis": RedisSettings(url=redis_url)})
+            try:
+                redis_settings = RedisSettings(url=redis_url)
+            except ValidationError as exc:
+                reason = exc.errors()[0]["msg"]
+                raise ConfigError(f"invalid configuration: REDIS_URL: {reason}") from None
+            settings = settings.model_copy(update={"redis": redis_settings})
         self.settings = settings
         self._runtime = _ProducerRuntime(settings)
+        # Built now, not lazily by the first of several threads (no connection is opened).
+        self._runtime.store  # noqa: B018
+        self._runtime.guard  # noqa: B018
         self._app = _producer_app(settings)
         self._producer = Producer(self._runtime, self._app)
 

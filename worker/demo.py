@@ -252,7 +252,6 @@ def _start(env: dict[str, str], stack: ExitStack, out: _Out) -> _Services:
         s3 = EmbeddedS3().start()
         stack.callback(s3.close)
         s3.create_bucket(DEMO_BUCKET)
-        bucket = DEMO_BUCKET
         worker_env.update(s3.credentials_env())
         worker_env.update({"S3_BUCKET": DEMO_BUCKET, "S3_PREFIX": DEMO_PREFIX})
         s3_client = _embedded_s3_client(s3)
@@ -269,21 +268,19 @@ def _start(env: dict[str, str], stack: ExitStack, out: _Out) -> _Services:
         embedded.append("runcomfy")
         out.say(f"runcomfy   embedded emulator at {emulator.base_url} (queue 0.5s, run 2s)")
 
-    # ---------------------------------------------------------------- webhooks
+    # ---------------------------------------------------------------- webhooks, settings
     secret = _first_secret(env)
     if secret is None:
         secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         worker_env["WEBHOOK_SECRET"] = secret
-    receiver = WebhookReceiver(secret).start()
-    stack.callback(receiver.close)
-    out.say(f"webhooks   receiver verifying signatures at {receiver.url}")
-
-    # ---------------------------------------------------------------- settings check
     try:
         with _environment(worker_env):
             settings = load_settings()
     except ConfigError as exc:
         raise _ConfigProblem(str(exc)) from None
+    receiver = WebhookReceiver(secret).start()
+    stack.callback(receiver.close)
+    out.say(f"webhooks   receiver verifying signatures at {receiver.url}")
     if s3_client is None:
         from worker.archive import make_s3_client
 

@@ -495,11 +495,26 @@ class Pipeline:
             job = self.cancel(job_id)
         except NotCancellableError as exc:
             log.info("cancel refused: %s", exc)
+            self._refresh_after_refused_cancel(job_id)
             return StepResult("not_cancellable", job_id)
         except ServiceError as exc:
             log.warning("cancel failed: %s", exc)
             return StepResult("cancel_failed", job_id)
         return StepResult(job.status.value, job_id)
+
+    def _refresh_after_refused_cancel(self, job_id: str) -> None:
+        """Upstream refused to cancel: it has started. Record that now, so the producer waiting
+        on the record learns it at once instead of at the next scheduled status check."""
+        job = self.rt.store.get(job_id)
+        if job is None or job.status != JobStatus.IN_QUEUE or not job.record.request_id:
+            return
+        try:
+            answer = self.rt.runcomfy.status(job.record.request_id)
+        except ServiceError:
+            return  # the poll chain will catch up
+        if answer.status == "in_progress":
+            # status only: seq and outbox stay, so the poll chain carries on untouched
+            self.rt.store.update(job, status=JobStatus.IN_PROGRESS, queue_position=None)
 
     # ================================================================== shared machinery
     def _handoff(

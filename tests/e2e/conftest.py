@@ -40,6 +40,7 @@ class Stack:
     env: dict[str, str]
     app: ServiceCelery
     producer: Producer
+    log_dir: Path = field(default_factory=Path)
     workers: list[WorkerProcess] = field(default_factory=list)
 
     def wait(
@@ -74,7 +75,10 @@ class Stack:
     def start_worker(self, **extra_env: str) -> WorkerProcess:
         """Start one more worker with the stack's environment (plus ``extra_env``)."""
         env = {**self.env, **extra_env}
-        worker = WorkerProcess(env, args=["-c", "8", "--without-mingle", "--without-gossip"])
+        log_path = str(self.log_dir / f"worker-{len(self.workers)}.log")
+        worker = WorkerProcess(
+            env, args=["-c", "8", "--without-mingle", "--without-gossip"], log_path=log_path
+        )
         self.workers.append(worker)
         return worker.start()
 
@@ -145,6 +149,7 @@ def stack_factory(
             env=env,
             app=app,
             producer=Producer(app.runtime, app),
+            log_dir=tmp_path_factory.mktemp("worker-logs"),
         )
         created.append((stack, server))
         return stack

@@ -56,6 +56,7 @@ def idle_stack(stack_factory) -> Stack:  # type: ignore[no-untyped-def]
         s.env,
         args=["-Q", "runcomfy.poll,runcomfy.archive,runcomfy.notify", "-c", "4",
               "--without-mingle", "--without-gossip"],
+        log_path=str(s.log_dir / "idle-worker.log"),
     )  # fmt: skip
     s.workers.append(worker)
     worker.start()

@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import pytest
+
+from worker.embedded import EmbeddedRedis, EmbeddedS3
+from worker.emulator import EmulatorConfig, EmulatorServer
 
 pytestmark = pytest.mark.e2e
 
@@ -99,3 +103,42 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path, signum: in
     s3_port = int(re.search(r"moto\) at http://127\.0\.0\.1:(\d+)", out).group(1))  # type: ignore[union-attr]
     assert process_gone(worker_pid)
     assert port_closed(redis_port) and port_closed(s3_port)
+
+
+def test_demo_uses_the_services_the_environment_names(
+    tmp_path: Path, redis_server: EmbeddedRedis, s3_server: EmbeddedS3
+) -> None:
+    """REDIS_URL, S3_* and RUNCOMFY_* set: nothing of those is embedded, and they get the work."""
+    bucket = "demo-configured"
+    s3_server.create_bucket(bucket)
+    emulator = EmulatorServer(EmulatorConfig(token="configured-token", queue_s=0.2, run_s=0.5))
+    with emulator:
+        env = demo_env()
+        env.update(s3_server.credentials_env())
+        env.update(
+            {
+                "REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/7",
+                "S3_BUCKET": bucket,
+                "S3_PREFIX": "configured/",
+                "RUNCOMFY_BASE_URL": emulator.base_url,
+                "RUNCOMFY_API_TOKEN": "configured-token",
+                "POLL_INITIAL_DELAY_S": "0.3",
+                "POLL_MIN_INTERVAL_S": "0.3",
+                "POLL_MAX_INTERVAL_S": "1",
+            }
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker", "demo"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=55, check=False,
+        )  # fmt: skip
+        out = proc.stdout
+        assert proc.returncode == 0, out + proc.stderr
+        assert "(REDIS_URL)" in out and "(S3_* settings)" in out and "(RUNCOMFY_* settings)" in out
+        assert "embedded" not in out.split("everything up")[0]
+        assert "all 5 jobs passed" in out
+        assert emulator.counters()["submits"] == 5
+    objects = boto3.client("s3", endpoint_url=s3_server.endpoint_url).list_objects_v2(
+        Bucket=bucket, Prefix="configured/"
+    )
+    assert objects["KeyCount"] == 6
+    assert "configured-token" not in out

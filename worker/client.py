@@ -374,18 +374,9 @@ class Client:
     def _pipeline(self) -> Pipeline:
         """A Pipeline on this client's runtime that publishes through its Celery app."""
         from worker.pipeline import Pipeline
+        from worker.tasks import make_publisher
 
-        def publish(task: str, args: list[Any], kwargs: dict[str, Any], countdown: float) -> None:
-            self._app.send_task(
-                task,
-                args=args,
-                kwargs=kwargs,
-                queue=QUEUE_FOR_TASK[task],
-                routing_key=QUEUE_FOR_TASK[task],
-                countdown=countdown or None,
-            )
-
-        return Pipeline(self._runtime, publish)
+        return Pipeline(self._runtime, make_publisher(self._app))
 
     @contextmanager
     def _redis_errors(self) -> Iterator[None]:

@@ -41,7 +41,6 @@ from api_contracts.jobs import (
     WebhookState,
 )
 from api_contracts.messages import (
-    QUEUE_FOR_TASK,
     TASK_ARCHIVE,
     TASK_CANCEL,
     TASK_NOTIFY,
@@ -226,15 +225,13 @@ class Pipeline:
     # ================================================================== poll
     def poll(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepResult:
         """``runcomfy.poll(job_id, seq)``: one status check, then reschedule or move on."""
-        msg = self._step_message(TASK_POLL, args, kwargs)
-        if isinstance(msg, StepResult):
-            return msg
-        with log_context(job_id=msg.job_id, task=TASK_POLL):
-            job = self.rt.store.get(msg.job_id)
-            if job is None or not self._current(job, msg.seq, TASK_POLL):
-                return StepResult("stale", msg.job_id)
+        opened = self._open_step(TASK_POLL, args, kwargs)
+        if isinstance(opened, StepResult):
+            return opened
+        job = opened
+        with log_context(job_id=job.id, task=TASK_POLL):
             if job.status not in (JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS):
-                return StepResult("not_polling", msg.job_id)
+                return StepResult("not_polling", job.id)
             request_id = job.record.request_id or ""
             with log_context(request_id=request_id, attempt=job.attempt):
                 answer: StatusResponse | ServiceError
@@ -308,15 +305,13 @@ class Pipeline:
     # ================================================================== archive
     def archive(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepResult:
         """``runcomfy.archive(job_id, seq)``: fetch the result, stream every output into S3."""
-        msg = self._step_message(TASK_ARCHIVE, args, kwargs)
-        if isinstance(msg, StepResult):
-            return msg
-        with log_context(job_id=msg.job_id, task=TASK_ARCHIVE):
-            job = self.rt.store.get(msg.job_id)
-            if job is None or not self._current(job, msg.seq, TASK_ARCHIVE):
-                return StepResult("stale", msg.job_id)
+        opened = self._open_step(TASK_ARCHIVE, args, kwargs)
+        if isinstance(opened, StepResult):
+            return opened
+        job = opened
+        with log_context(job_id=job.id, task=TASK_ARCHIVE):
             if job.status != JobStatus.ARCHIVING:
-                return StepResult("not_archiving", msg.job_id)
+                return StepResult("not_archiving", job.id)
             with log_context(request_id=job.record.request_id, attempt=job.attempt):
                 started = time.monotonic()
                 try:
@@ -393,13 +388,11 @@ class Pipeline:
     # ================================================================== notify
     def notify(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepResult:
         """``runcomfy.notify(job_id, seq)``: one signed delivery attempt of the final event."""
-        msg = self._step_message(TASK_NOTIFY, args, kwargs)
-        if isinstance(msg, StepResult):
-            return msg
-        with log_context(job_id=msg.job_id, task=TASK_NOTIFY):
-            job = self.rt.store.get(msg.job_id)
-            if job is None or not self._current(job, msg.seq, TASK_NOTIFY):
-                return StepResult("stale", msg.job_id)
+        opened = self._open_step(TASK_NOTIFY, args, kwargs)
+        if isinstance(opened, StepResult):
+            return opened
+        job = opened
+        with log_context(job_id=job.id, task=TASK_NOTIFY):
             record = job.record
             info = record.webhook
             if (
@@ -590,6 +583,19 @@ class Pipeline:
         log.info("stale %s message (seq %d, job at %d); ignored", task, seq, job.seq)
         return False
 
+    def _open_step(
+        self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> StoredJob | StepResult:
+        """Parse a poll/archive/notify message and load its job, if this message is current."""
+        msg = self._step_message(task, args, kwargs)
+        if isinstance(msg, StepResult):
+            return msg
+        with log_context(job_id=msg.job_id, task=task):
+            job = self.rt.store.get(msg.job_id)
+            if job is None or not self._current(job, msg.seq, task):
+                return StepResult("stale", msg.job_id)
+        return job
+
     def _step_message(
         self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> StepMessage | StepResult:
@@ -685,5 +691,3 @@ def _outcome(exc: BaseException) -> str:
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
-
-QUEUE_OF: Final = QUEUE_FOR_TASK

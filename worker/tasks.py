@@ -1,4 +1,4 @@
-"""The four Celery tasks. Thin: parse nothing, call the Pipeline, log the outcome.
+"""The Celery tasks. Thin: hand the raw message to the Pipeline, return its outcome label.
 
 Task names are part of the contract (api_contracts.messages). Tasks take ``*args, **kwargs``
 so that a malformed message becomes a failed job with a reason instead of a TypeError.
@@ -9,9 +9,11 @@ decided inside the Pipeline.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
+from celery import Celery
 
 from api_contracts.messages import (
     QUEUE_FOR_TASK,
@@ -21,7 +23,7 @@ from api_contracts.messages import (
     TASK_POLL,
     TASK_SUBMIT,
 )
-from worker.pipeline import Pipeline
+from worker.pipeline import Pipeline, Publisher, StepResult
 
 if TYPE_CHECKING:
     from worker.celery_app import ServiceCelery
@@ -30,9 +32,20 @@ log = logging.getLogger(__name__)
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
+Step = Callable[[Pipeline, str, tuple[Any, ...], dict[str, Any]], StepResult]
 
-def make_pipeline(app: ServiceCelery) -> Pipeline:
-    """A Pipeline on this process's runtime that publishes through ``app``."""
+#: Contract task name -> the Pipeline step it runs (the str is the delivery's task id).
+STEPS: dict[str, Step] = {
+    TASK_SUBMIT: lambda p, task_id, a, k: p.submit(a, k, owner=task_id),
+    TASK_POLL: lambda p, _id, a, k: p.poll(a, k),
+    TASK_ARCHIVE: lambda p, _id, a, k: p.archive(a, k),
+    TASK_NOTIFY: lambda p, _id, a, k: p.notify(a, k),
+    TASK_CANCEL: lambda p, _id, a, k: p.cancel_message(a, k),
+}
+
+
+def make_publisher(app: Celery) -> Publisher:
+    """A Publisher that sends through ``app`` onto the task's contract queue."""
 
     def publish(task: str, args: list[Any], kwargs: dict[str, Any], countdown: float) -> None:
         app.send_task(
@@ -44,15 +57,19 @@ def make_pipeline(app: ServiceCelery) -> Pipeline:
             countdown=countdown or None,
         )
 
-    return Pipeline(app.runtime, publish)
+    return publish
 
 
 def register_tasks(app: ServiceCelery) -> None:
-    """Register submit/poll/archive/notify on ``app`` under their contract names."""
+    """Register every step on ``app`` under its contract name."""
+    for name, step in STEPS.items():
+        _register(app, name, step)
 
+
+def _register(app: ServiceCelery, name: str, step: Step) -> None:
     @app.task(
         shared=False,
-        name=TASK_SUBMIT,
+        name=name,
         bind=True,
         autoretry_for=_REDIS_ERRORS,
         retry_backoff=True,
@@ -60,58 +77,6 @@ def register_tasks(app: ServiceCelery) -> None:
         retry_jitter=True,
         max_retries=30,
     )
-    def submit(self: Any, *args: Any, **kwargs: Any) -> str:
-        owner = f"{self.request.id}"
-        return make_pipeline(app).submit(args, kwargs, owner=owner).outcome
-
-    @app.task(
-        shared=False,
-        name=TASK_POLL,
-        bind=True,
-        autoretry_for=_REDIS_ERRORS,
-        retry_backoff=True,
-        retry_backoff_max=60,
-        retry_jitter=True,
-        max_retries=30,
-    )
-    def poll(self: Any, *args: Any, **kwargs: Any) -> str:
-        return make_pipeline(app).poll(args, kwargs).outcome
-
-    @app.task(
-        shared=False,
-        name=TASK_ARCHIVE,
-        bind=True,
-        autoretry_for=_REDIS_ERRORS,
-        retry_backoff=True,
-        retry_backoff_max=60,
-        retry_jitter=True,
-        max_retries=30,
-    )
-    def archive(self: Any, *args: Any, **kwargs: Any) -> str:
-        return make_pipeline(app).archive(args, kwargs).outcome
-
-    @app.task(
-        shared=False,
-        name=TASK_NOTIFY,
-        bind=True,
-        autoretry_for=_REDIS_ERRORS,
-        retry_backoff=True,
-        retry_backoff_max=60,
-        retry_jitter=True,
-        max_retries=30,
-    )
-    def notify(self: Any, *args: Any, **kwargs: Any) -> str:
-        return make_pipeline(app).notify(args, kwargs).outcome
-
-    @app.task(
-        shared=False,
-        name=TASK_CANCEL,
-        bind=True,
-        autoretry_for=_REDIS_ERRORS,
-        retry_backoff=True,
-        retry_backoff_max=60,
-        retry_jitter=True,
-        max_retries=30,
-    )
-    def cancel(self: Any, *args: Any, **kwargs: Any) -> str:
-        return make_pipeline(app).cancel_message(args, kwargs).outcome
+    def run_step(self: Any, *args: Any, **kwargs: Any) -> str:
+        pipeline = Pipeline(app.runtime, make_publisher(app))
+        return step(pipeline, str(self.request.id), args, kwargs).outcome

@@ -40,6 +40,14 @@ def _figures() -> dict[str, Figure]:
     }
 
 
+def _ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "—"
+    if ratio >= 100:
+        return f"{ratio:,.0f}"
+    return f"{ratio:.1f}" if ratio >= 10 else f"{ratio:.2f}"
+
+
 def render(rows: list[Row]) -> str:
     """The table: figure | value | baseline | ratio | target | verdict, then notes."""
     header = ("figure", "value", "baseline", "ratio", "target", "")
@@ -48,7 +56,7 @@ def render(rows: list[Row]) -> str:
             r.figure,
             fmt(r.value, r.unit),
             fmt(r.baseline, r.baseline_unit or r.unit),
-            "—" if r.ratio is None else f"{r.ratio:.2f}",
+            _ratio(r.ratio),
             r.target,
             r.verdict,
         )

@@ -64,8 +64,11 @@ def reset_peak() -> None:
         pass  # the peak then covers the warm-up too: an over-estimate, never an under-
 
 
-def child(mode: str, endpoint: str, source: str, path: str, repeat: int) -> dict[str, Any]:
-    """One measurement, in a fresh process: warm up, then time and measure ``mode``."""
+def child(
+    mode: str, endpoint: str, source: str, path: str, repeat: int, trace: bool = True
+) -> dict[str, Any]:
+    """One measurement, in a fresh process: warm up, then time and measure ``mode``; with
+    ``trace``, one more run under tracemalloc."""
     import boto3
     import httpx
     from boto3.s3.transfer import TransferConfig
@@ -104,10 +107,12 @@ def child(mode: str, endpoint: str, source: str, path: str, repeat: int) -> dict
         seconds.append(time.perf_counter() - started)
     peak_growth = peak_rss_bytes() - before
 
-    tracemalloc.start()
-    run()
-    _, traced_peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    traced_peak = None
+    if trace:
+        tracemalloc.start()
+        run()
+        _, traced_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
     http.close()
     s3.close()
     return {
@@ -146,7 +151,9 @@ def write_file(path: Path, size: int) -> None:
             left -= len(block)
 
 
-def measure(size_bytes: int, repeat: int, endpoint: str | None = None) -> list[dict[str, Any]]:
+def measure(
+    size_bytes: int, repeat: int, endpoint: str | None = None, *, trace: bool = True
+) -> list[dict[str, Any]]:
     """Run both modes (each in a fresh child process) on ``size_bytes`` of random data.
 
     The file server always runs here as a child process; so does moto unless ``endpoint``
@@ -217,6 +224,7 @@ def measure(size_bytes: int, repeat: int, endpoint: str | None = None) -> list[d
                     [
                         *(sys.executable, str(HERE), "--child", mode, "--endpoint", endpoint),
                         *("--source", source, "--path", str(big), "--repeat", str(repeat)),
+                        *(() if trace else ("--no-trace",)),
                     ],
                     env=env,
                     check=False,
@@ -243,15 +251,18 @@ def main() -> None:
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--no-trace", action="store_true", help="skip the tracemalloc run")
     args = parser.parse_args()
 
     if args.child:
-        result = child(args.child, args.endpoint, args.source, args.path, args.repeat)
+        result = child(
+            args.child, args.endpoint, args.source, args.path, args.repeat, not args.no_trace
+        )
         print(json.dumps(result))
         return
 
     try:
-        results = measure(int(args.size_mib * MIB), args.repeat)
+        results = measure(int(args.size_mib * MIB), args.repeat, trace=not args.no_trace)
     except RuntimeError as exc:
         sys.exit(str(exc))
 
@@ -259,9 +270,10 @@ def main() -> None:
     print(f"{'mode':<12} {'median s':>9} {'MiB/s':>8} {'peak RSS growth':>16} {'tracemalloc':>12}")
     for r in results:
         median = statistics.median(r["seconds"])
+        traced = "-" if r["tracemalloc_peak"] is None else f"{r['tracemalloc_peak'] / MIB:.1f}"
         print(
             f"{r['mode']:<12} {median:>9.3f} {r['bytes'] / MIB / median:>8.1f} "
-            f"{r['peak_rss_growth'] / MIB:>12.1f} MiB {r['tracemalloc_peak'] / MIB:>8.1f} MiB"
+            f"{r['peak_rss_growth'] / MIB:>12.1f} MiB {traced:>8} MiB"
         )
 
 

@@ -26,13 +26,10 @@ import redis
 from celery import Celery
 
 from api_contracts.messages import ALL_QUEUES
+from bench.common import CHAIN_DONE_KEY, NAIVE_ACTIVE_KEY
 from worker.celery_app import celery_config
 from worker.settings import load_settings
 
-#: Redis key the last hop of a bare chain increments.
-CHAIN_DONE_KEY = "bench:chain:done"
-#: Redis set of upstream request ids the naive poller is holding right now.
-NAIVE_ACTIVE_KEY = "bench:naive:active"
 HOPS = len(ALL_QUEUES)
 MODEL_PATH = "/v1/models/bytedance/dreamina-4-0/text-to-image"
 

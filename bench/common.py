@@ -32,6 +32,10 @@ TOKEN = "bench-runcomfy-token"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"bench-webhook-secret-0123456789").decode()
 BUCKET = "bench-archive"
 MIB = 1024 * 1024
+#: Redis key the last hop of a bare chain increments (bench/baseline_app.py).
+CHAIN_DONE_KEY = "bench:chain:done"
+#: Redis set of upstream request ids the naive poller holds right now (bench/baseline_app.py).
+NAIVE_ACTIVE_KEY = "bench:naive:active"
 
 #: Environment for anything that may touch boto3: never a real profile or credentials.
 AWS_ENV = {
@@ -98,10 +102,10 @@ class Row:
 
 
 def fmt(value: float | None, unit: str = "") -> str:
-    """A number for the table: 3 significant digits, thousands separated, unit appended."""
+    """A number for the table: whole numbers as such, else 3 significant digits; unit after."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    if abs(value) >= 100:
+    if abs(value) >= 100 or float(value).is_integer():
         text = f"{value:,.0f}"
     elif abs(value) >= 10:
         text = f"{value:.1f}"
@@ -276,6 +280,7 @@ class Worker(WorkerProcess):
         args = ["-P", pool, "-c", str(concurrency), "--without-mingle", "--without-gossip"]
         args += ["--without-heartbeat", "-n", f"{name}-{os.getpid()}@%h"]
         super().__init__(env, args=args, log_path=log)
+        self.name = name
         if app_module is not None:
             self.argv = [sys.executable, "-m", "celery", "-A", app_module, "worker", *args]
             self.argv += ["-l", "INFO"]
@@ -287,8 +292,12 @@ class Worker(WorkerProcess):
         return tree_rss_bytes(self.pid)
 
     def close(self, timeout_s: float = 20.0) -> None:
-        """Warm shutdown, then remove the log file."""
+        """Warm shutdown, then remove the log file; while an exception is propagating (a
+        figure failed), print the log's tail first, for whoever reads the CI output."""
         super().close(timeout_s)
+        if sys.exc_info()[0] is not None:
+            print(f"--- last lines of the {self.name} worker's log:", file=sys.stderr)
+            print(self.log_text()[-3000:], file=sys.stderr)
         with contextlib.suppress(OSError):
             os.unlink(self.log_path)
 
@@ -312,10 +321,14 @@ def close_all(workers: list[Worker]) -> None:
 
 
 def bench_env(**extra: str) -> dict[str, str]:
-    """A child environment: ours, plus the repo and the injector on PYTHONPATH, plus ``extra``."""
+    """A child environment: ours, the repo on PYTHONPATH, then ``extra``. The round-trip
+    counter's ``sitecustomize`` goes on the path only when ``BENCH_REDIS_COUNT_FILE`` asks
+    for it (it would shadow a distribution's own ``sitecustomize``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BENCH_"))}
     env.update(AWS_ENV)
-    paths = [str(INJECT_DIR), str(ROOT)]
+    paths = [str(ROOT)]
+    if extra.get("BENCH_REDIS_COUNT_FILE"):
+        paths.insert(0, str(INJECT_DIR))
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)

@@ -22,8 +22,17 @@ import redis
 
 from api_contracts.jobs import JobStatus
 from api_contracts.messages import QUEUE_SUBMIT
-from bench.baseline_app import NAIVE_ACTIVE_KEY
-from bench.common import MIB, Row, Stack, Worker, job_request, start_all, unacked, wait_until
+from bench.common import (
+    MIB,
+    NAIVE_ACTIVE_KEY,
+    Row,
+    Stack,
+    Worker,
+    job_request,
+    start_all,
+    unacked,
+    wait_until,
+)
 
 POLL_CAP_S = 30.0
 #: The first poll is held for 15 min so that all N stay held while N are submitted (a 10,000
@@ -76,7 +85,7 @@ def held_polls(stack: Stack, n: int, naive_tasks: int) -> dict[str, Any]:
     naive = Worker(stack.env(1), app_module="bench.baseline_app", queues=QUEUE_SUBMIT, name="naive")
     try:
         start_all([worker, naive])
-        _probe_latency(stack, producer, 5)  # warm every code path and connection
+        _probe_latency(stack, producer, PROBES)  # warm every code path, thread and connection
         idle_probe = _probe_latency(stack, producer, PROBES)
         rss_idle = _settle_rss(worker)
         naive_rss_idle = naive.rss()
@@ -137,7 +146,7 @@ def held_polls(stack: Stack, n: int, naive_tasks: int) -> dict[str, Any]:
 
 def run(stack: Stack, quick: bool) -> list[Row]:
     """In-flight capacity vs the naive worker; RSS per 1,000; submit latency under load."""
-    n = 800 if quick else TARGET_JOBS
+    n = 600 if quick else TARGET_JOBS
     held = held_polls(stack, n, naive_tasks=24)
     naive = held["naive"]
     per_1000 = held["rss_growth_per_1000_mb"]

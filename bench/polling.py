@@ -11,10 +11,13 @@ schedule.
 Long generations (2 min, 10 min) are simulated with ``worker.decisions.poll_interval`` (the
 pure function the worker uses), the settings defaults, and the same ±5 % spread, 1,000 jobs.
 
-Why the two targets conflict: with ``interval = 0.1 x elapsed`` (above 10 s) a job finishing
-at T has been checked ``10 + ln(T/10)/ln(1.1)`` times (≈ 10 + 24.2·log10(T/10)); a delay bound
-of 10 % of T forces that growth factor, while ``2·log2(T) + 4`` calls allow a factor of √2 per
-check (≈ 41 % delay). Both hold only for short T (≲ 12 s).
+Why the two targets conflict: the schedule checks every second until 10 s, then every 10 % of
+elapsed until the 30 s cap (at 300 s), then every 30 s, so a job finishing at T is checked
+about ``10 + ln(min(T, 300)/10)/ln(1.1) + max(0, T - 300)/30`` times: ~22 at 30 s, ~36 at
+2 min, ~56 at 10 min. Keeping the delay within 10 % of T forces that growth factor of 1.1
+per check; ``2·log2(T) + 4`` calls allow a factor of √2 per check, i.e. delays up to ~41 %
+of T. Both hold only for short generations (T ≲ 12 s); the table shows each against its
+target, and the fixed 0.5 s baseline pays for its short delay with T/0.5 calls.
 """
 
 from __future__ import annotations
@@ -77,22 +80,28 @@ def simulate(runtime_s: float, poll: PollSettings, rng: random.Random) -> tuple[
 def simulate_many(runtime_s: float, poll: PollSettings, jobs: int, seed: int) -> dict[str, Any]:
     """Max/median calls and p95 delay over ``jobs`` runtimes spread ±5 % around ``runtime_s``."""
     rng = random.Random(seed)
-    calls, delays = [], []
+    calls, delays, runtimes = [], [], []
     for i in range(jobs):
         runtime = runtime_s * (1 - SPREAD + 2 * SPREAD * i / max(1, jobs - 1))
         c, d = simulate(runtime, poll, rng)
         calls.append(c)
         delays.append(d)
-    return _summary(calls, delays)
+        runtimes.append(runtime)
+    return _summary(calls, delays, runtimes)
 
 
-def _summary(calls: list[int], delays: list[float]) -> dict[str, Any]:
+def _summary(calls: list[int], delays: list[float], runtimes: list[float]) -> dict[str, Any]:
+    """Calls and delays, and each held against the bound of the job's own runtime."""
     return {
         "jobs": len(calls),
         "calls_max": max(calls),
         "calls_median": sorted(calls)[len(calls) // 2],
         "delay_p95_s": percentile(delays, 95),
         "delay_max_s": max(delays),
+        "calls_of_bound_max": max(c / calls_bound(t) for c, t in zip(calls, runtimes, strict=True)),
+        "delay_of_bound_p95": percentile(
+            [d / delay_bound(t) for d, t in zip(delays, runtimes, strict=True)], 95
+        ),
     }
 
 
@@ -165,17 +174,18 @@ def real_runs(stack: Stack, runtimes: list[float], jobs_per_runtime: int) -> dic
         by_request = stack.emulator.counters()["status_calls_by_request"]
         results: dict[str, Any] = {}
         for name, producer in producers.items():
-            per_runtime: dict[float, tuple[list[int], list[float]]] = {}
+            per_runtime: dict[float, tuple[list[int], list[float], list[float]]] = {}
             for job_id, run_s in planned[name].items():
                 record = producer.get(job_id)
                 if record.request_id is None or record.submitted_at is None:
                     raise BenchError(f"job {job_id} has no upstream request: {record.status}")
                 done_at = _ts(record.submitted_at) + run_s
                 nominal = min(runtimes, key=lambda r, rs=run_s: abs(r - rs))
-                calls, delays = per_runtime.setdefault(nominal, ([], []))
+                calls, delays, job_runtimes = per_runtime.setdefault(nominal, ([], [], []))
                 calls.append(int(by_request.get(record.request_id, 0)))
                 delays.append(max(0.0, watcher.seen[job_id] - done_at))
-            results[name] = {str(r): _summary(c, d) for r, (c, d) in per_runtime.items()}
+                job_runtimes.append(run_s)
+            results[name] = {str(r): _summary(*lists) for r, lists in per_runtime.items()}
     finally:
         watcher.close()
         close_all(list(workers.values()))
@@ -214,8 +224,11 @@ def run(stack: Stack, quick: bool) -> list[Row]:
                 "calls",
                 baseline=base["calls_max"],
                 target=f"≤ 2·log2(T)+4 = {calls_bound(runtime_s):.1f}",
-                passed=ours["calls_max"] <= calls_bound(runtime_s),
-                note=f"{how}; max per job; baseline = fixed {FIXED_S}s polling",
+                passed=ours["calls_of_bound_max"] <= 1,
+                note=(
+                    f"{how}; max per job (held to each job's own T); baseline = fixed "
+                    f"{FIXED_S}s polling"
+                ),
                 details={"service": ours, "fixed_0.5s": base, "runtime_s": runtime_s},
             )
         )
@@ -226,8 +239,11 @@ def run(stack: Stack, quick: bool) -> list[Row]:
                 "s",
                 baseline=base["delay_p95_s"],
                 target=f"≤ max(1 s, 10 % of T) = {delay_bound(runtime_s):g} s",
-                passed=ours["delay_p95_s"] <= delay_bound(runtime_s),
-                note=how,
+                passed=ours["delay_of_bound_p95"] <= 1,
+                note=(
+                    f"{how}; p95 of delay / its own job's bound = "
+                    f"{ours['delay_of_bound_p95']:.2f} (runtimes spread ±5 %)"
+                ),
                 details={"service": ours, "fixed_0.5s": base, "runtime_s": runtime_s},
             )
         )

@@ -1,10 +1,11 @@
-"""Count Redis round trips and commands made by this process, by wrapping redis-py's
-``Connection`` (every client in the process goes through it: the job store's and kombu's).
+"""Count Redis round trips made by this process, by kind, by wrapping redis-py's connection
+class (every client in the process goes through it: the job store's and kombu's).
 
-A round trip is one ``send_packed_command`` (a pipeline is one); commands are counted by name,
-pipelines' commands each once (``MULTI``/``EXEC`` included). Worker subprocesses get the same
-wrapper through ``bench/_inject/sitecustomize.py`` when ``BENCH_REDIS_COUNT_FILE`` is set: a
-thread writes the counts to ``<file>.<pid>`` every ``DUMP_INTERVAL_S``.
+A round trip is one ``send_packed_command``. Its kind is the command's name (``HGETALL``,
+``EVALSHA`` …) or, for a pipeline, the commands it carries (``MULTI ZADD HSET EXEC``): one
+round trip however many commands. Worker subprocesses get the same wrapper through
+``bench/_inject/sitecustomize.py`` when ``BENCH_REDIS_COUNT_FILE`` is set: a thread writes the
+counts to ``<file>.<pid>`` every ``DUMP_INTERVAL_S`` (pool children write their own file).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ DUMP_INTERVAL_S = 0.2
 
 
 class _State:
-    """This process's counts (one instance, mutated in place: no ``global``)."""
+    """This process's counts (one instance, mutated in place)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.commands: Counter[str] = Counter()
-        self.round_trips = 0
+        self.kinds: Counter[str] = Counter()
         self.installed = False
+        self.pending = threading.local()  # the kind of the round trip about to be sent
 
 
 _state = _State()
@@ -50,22 +51,19 @@ def install() -> None:
     pack_commands = AbstractConnection.pack_commands
 
     def counted_send_packed(self: Any, command: Any, check_health: bool = True) -> Any:
+        kind = getattr(_state.pending, "kind", None) or "?"
+        _state.pending.kind = None
         with _state.lock:
-            _state.round_trips += 1
+            _state.kinds[kind] += 1
         return send_packed(self, command, check_health)
 
     def counted_send_command(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if args:
-            with _state.lock:
-                _state.commands[_name(args[0])] += 1
+        _state.pending.kind = _name(args[0]) if args else "?"
         return send_command(self, *args, **kwargs)
 
     def counted_pack_commands(self: Any, commands: Any) -> Any:
         commands = list(commands)
-        with _state.lock:
-            for args in commands:
-                if args:
-                    _state.commands[_name(args[0])] += 1
+        _state.pending.kind = " ".join(_name(args[0]) for args in commands if args)
         return pack_commands(self, commands)
 
     AbstractConnection.send_packed_command = counted_send_packed  # type: ignore[method-assign]
@@ -74,45 +72,30 @@ def install() -> None:
     _state.installed = True
 
 
-def snapshot() -> dict[str, Any]:
-    """Counts so far in this process."""
+def snapshot() -> dict[str, int]:
+    """Round trips so far in this process, by kind."""
     with _state.lock:
-        return {"round_trips": _state.round_trips, "commands": dict(_state.commands)}
+        return dict(_state.kinds)
 
 
-def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    """``after - before`` for two snapshots."""
-    names = set(after["commands"]) | set(before["commands"])
-    commands = {
-        n: after["commands"].get(n, 0) - before["commands"].get(n, 0) for n in sorted(names)
-    }
-    return {
-        "round_trips": after["round_trips"] - before["round_trips"],
-        "commands": {n: c for n, c in commands.items() if c},
-    }
+def diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """``after - before`` for two snapshots (kinds that did not change are left out)."""
+    out = {kind: after.get(kind, 0) - before.get(kind, 0) for kind in after.keys() | before}
+    return {kind: n for kind, n in out.items() if n}
 
 
-def add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     """Sum of two snapshots (several processes)."""
-    names = set(a["commands"]) | set(b["commands"])
-    return {
-        "round_trips": a["round_trips"] + b["round_trips"],
-        "commands": {n: a["commands"].get(n, 0) + b["commands"].get(n, 0) for n in names},
-    }
-
-
-def empty() -> dict[str, Any]:
-    """A zero snapshot."""
-    return {"round_trips": 0, "commands": {}}
+    return {kind: a.get(kind, 0) + b.get(kind, 0) for kind in a.keys() | b}
 
 
 def start_dumping(path: str) -> None:
-    """Write this process's counts to ``<path>.<pid>`` periodically (worker subprocesses)."""
+    """Count, and write this process's counts to ``<path>.<pid>`` periodically."""
     install()
 
     def loop() -> None:
         target = Path(f"{path}.{os.getpid()}")
-        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp = target.with_name(target.name + ".tmp")
         while True:
             tmp.write_text(json.dumps(snapshot()))
             os.replace(tmp, target)
@@ -120,20 +103,19 @@ def start_dumping(path: str) -> None:
 
     def restart_in_child() -> None:
         _state.lock = threading.Lock()  # another thread may have held it at the fork
-        _state.commands.clear()  # the parent's counts are the parent's; a child starts at 0
-        _state.round_trips = 0
+        _state.kinds.clear()  # the parent's counts are the parent's; a child starts at 0
         threading.Thread(target=loop, name="bench-redis-counter", daemon=True).start()
 
     os.register_at_fork(after_in_child=restart_in_child)
     threading.Thread(target=loop, name="bench-redis-counter", daemon=True).start()
 
 
-def read_dumps(path: str) -> dict[str, Any]:
+def read_dumps(path: str) -> dict[str, int]:
     """Sum of every ``<path>.<pid>`` written so far (a worker and its pool children)."""
-    total = empty()
+    total: dict[str, int] = {}
     folder = Path(path).parent
     for file in folder.glob(Path(path).name + ".*"):
-        if file.suffix == ".tmp":
+        if file.name.endswith(".tmp"):
             continue
         try:
             total = add(total, json.loads(file.read_text()))

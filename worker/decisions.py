@@ -97,11 +97,11 @@ def retry_delay(error: ServiceError, attempt: int, jitter: float) -> float:
 
 def poll_interval(elapsed_s: float, poll: PollSettings, jitter: float = 0.5) -> float:
     """Time to the next status check: about 10 % of the time upstream has had the request,
-    never below ``min_interval_s`` nor above ``max_interval_s``; ``jitter`` in [0, 1) spreads
-    it by ±5 % so many jobs submitted together do not poll in lockstep."""
+    never above ``max_interval_s``; ``jitter`` in [0, 1) shortens it by up to 10 % so jobs
+    submitted together do not poll in lockstep. Jitter only ever shortens: the detection
+    delay stays within 10 % of the generation time (and within ``min_interval_s``)."""
     base = min(poll.max_interval_s, max(poll.min_interval_s, 0.1 * max(elapsed_s, 0.0)))
-    spread = 1.0 + 0.1 * (min(max(jitter, 0.0), 1.0) - 0.5)
-    return min(poll.max_interval_s, max(poll.min_interval_s, base * spread))
+    return base * (1.0 - 0.1 * min(max(jitter, 0.0), 1.0))
 
 
 def decide_poll(

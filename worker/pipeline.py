@@ -117,9 +117,14 @@ class Pipeline:
         except ValidationError as exc:
             return self._reject_invalid_submit(job_id, exc, args, kwargs)
         with log_context(job_id=msg.job_id, task=TASK_SUBMIT):
-            job, created = self.rt.store.create_if_absent(msg.job_id, msg.request)
-            if created:
-                log.info("job created by its submit message")
+            # Producers normally created the record already: read first, create only if absent.
+            found = self.rt.store.get(msg.job_id)
+            if found is None:
+                job, created = self.rt.store.create_if_absent(msg.job_id, msg.request)
+                if created:
+                    log.info("job created by its submit message")
+            else:
+                job = found
             if not self._current(job, msg.seq, TASK_SUBMIT):
                 return StepResult("stale", msg.job_id)
             if job.status.is_terminal or job.record.request_id:
@@ -690,4 +695,3 @@ def _outcome(exc: BaseException) -> str:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-

@@ -77,14 +77,20 @@ def test_final_states_are_final() -> None:
 def test_poll_interval_is_ten_percent_of_elapsed_within_bounds(
     elapsed: float, expected: float
 ) -> None:
-    assert d.poll_interval(elapsed, POLL, jitter=0.5) == pytest.approx(expected)
+    assert d.poll_interval(elapsed, POLL, jitter=0.0) == pytest.approx(expected)
 
 
-def test_poll_interval_jitter_is_small_and_bounded() -> None:
-    low, high = d.poll_interval(100, POLL, 0.0), d.poll_interval(100, POLL, 0.999)
-    assert 9.4 < low < 10 < high < 10.6
+def test_poll_interval_jitter_only_shortens() -> None:
+    assert d.poll_interval(100, POLL, 0.0) == 10.0
+    assert 9.0 < d.poll_interval(100, POLL, 0.999) < 9.01
     assert d.poll_interval(0, POLL, 0.0) == 1.0
-    assert d.poll_interval(1e6, POLL, 0.999) == 30.0
+    assert d.poll_interval(0, POLL, 0.5) == pytest.approx(0.95)
+    assert d.poll_interval(1e6, POLL, 0.0) == 30.0
+    for elapsed in (0, 3, 50, 299, 5000):
+        for jitter in (0.0, 0.3, 0.999):
+            got = d.poll_interval(elapsed, POLL, jitter)
+            assert got <= max(POLL.min_interval_s, 0.1 * elapsed)
+            assert got <= POLL.max_interval_s
 
 
 @pytest.mark.parametrize(
@@ -116,7 +122,7 @@ def poll(
         deadline_s=deadline,
         error_streak=streak,
         poll=POLL,
-        jitter=0.5,
+        jitter=0.0,
     )
 
 
@@ -174,7 +180,7 @@ def test_transient_error_honours_retry_after() -> None:
 
 def test_transient_error_backs_off_with_streak() -> None:
     got = poll(RetryableUpstreamError("503", status_code=503), streak=3)
-    assert got == d.Reschedule(6.0, "transient_error")
+    assert got == d.Reschedule(4.0, "transient_error")
 
 
 def test_permanent_status_error_fails() -> None:

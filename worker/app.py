@@ -1,9 +1,11 @@
 """The configured Celery app, read from the environment: ``celery -A worker.app worker``.
 
-Importing this module reads settings (a bad value stops start-up naming the variable);
-library code and tests use :func:`worker.celery_app.create_app` instead.
+Importing this module reads settings (a bad value stops start-up naming the variable) and
+sets up logging, the heartbeat and metrics exactly as ``runcomfy-worker worker`` does; library
+code and tests use :func:`worker.celery_app.create_app` instead.
 """
 
-from worker.celery_app import create_app
+from worker.run import worker_app
+from worker.settings import load_settings
 
-app = create_app()
+app = worker_app(load_settings())

@@ -188,11 +188,13 @@ class WorkerProcess:
         *,
         args: list[str] | None = None,
         log_path: str | None = None,
+        command: list[str] | None = None,
     ) -> None:
         import sys
 
         self.env = env
-        self.argv = [sys.executable, "-m", "worker", "worker", *(args or [])]
+        # default: ``runcomfy-worker worker``; ``command`` replaces it (e.g. ``celery -A …``)
+        self.argv = [*(command or [sys.executable, "-m", "worker", "worker"]), *(args or [])]
         self.log_path = log_path or tempfile.mktemp(prefix="rcw-worker-", suffix=".log")  # noqa: S306
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: object | None = None

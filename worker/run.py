@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from api_contracts.messages import ALL_QUEUES
 from worker.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from worker.celery_app import ServiceCelery
 
 DEFAULT_POOL = "threads"
 DEFAULT_CONCURRENCY = "8"
@@ -40,6 +45,39 @@ def secret_values(settings: Settings) -> list[str]:
     return [v for v in values if len(v) >= 6]
 
 
+def worker_app(settings: Settings) -> ServiceCelery:
+    """The app a worker runs, however it is started (``runcomfy-worker worker`` or
+    ``celery -A worker.app worker``): our JSON logging with secret redaction, the liveness
+    heartbeat, and the metrics endpoint once the worker starts."""
+    from celery import signals
+
+    from worker.celery_app import create_app
+    from worker.health import install_heartbeat
+    from worker.logs import configure_logging
+
+    def setup_logging(**_: Any) -> None:
+        # Connecting here also tells Celery not to replace this configuration with its own.
+        configure_logging(
+            settings.worker.log_level,
+            json_format=settings.worker.log_json,
+            secrets=secret_values(settings),
+        )
+
+    def start_metrics(**_: Any) -> None:
+        from worker.metrics import start_metrics_server
+
+        start_metrics_server(settings.worker.metrics_port, app.runtime.redis)
+
+    setup_logging()
+    app = create_app(settings)
+    signals.setup_logging.connect(setup_logging, weak=False)
+    if settings.worker.heartbeat_file:
+        install_heartbeat(app, settings.worker.heartbeat_file)
+    if settings.worker.metrics_port:
+        signals.worker_init.connect(start_metrics, weak=False)
+    return app
+
+
 def run_worker(extra: list[str]) -> int:
     """Run ``celery worker`` in this process; returns its exit code."""
     import click
@@ -49,21 +87,7 @@ def run_worker(extra: list[str]) -> int:
     except ConfigError as exc:
         click.echo(f"runcomfy-worker: {exc}", err=True)
         return 2
-    from worker.celery_app import create_app
-    from worker.health import install_heartbeat
-    from worker.logs import configure_logging
-    from worker.metrics import start_metrics_server
-
-    configure_logging(
-        settings.worker.log_level,
-        json_format=settings.worker.log_json,
-        secrets=secret_values(settings),
-    )
-    app = create_app(settings)
-    if settings.worker.heartbeat_file:
-        install_heartbeat(app, settings.worker.heartbeat_file)
-    if settings.worker.metrics_port:
-        start_metrics_server(settings.worker.metrics_port, app.runtime.redis)
+    app = worker_app(settings)
     try:
         app.worker_main(worker_argv(extra))
     except SystemExit as exc:

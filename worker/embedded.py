@@ -19,6 +19,26 @@ from types import TracebackType
 from typing import Self
 
 
+class ManagedService:
+    """A thing with ``start() -> self`` and ``close()``, usable as a context manager."""
+
+    def start(self) -> Self:
+        """Start it; return self."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop it and release what it holds."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
@@ -57,7 +77,7 @@ def redis_server_binary() -> Path:
     return Path(found)
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(ManagedService):
     """A throw-away ``redis-server`` subprocess on 127.0.0.1 (no persistence)."""
 
     def __init__(self, port: int | None = None) -> None:
@@ -99,16 +119,8 @@ class EmbeddedRedis:
             self._proc = None
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class EmbeddedS3:
+class EmbeddedS3(ManagedService):
     """moto's S3 server over real HTTP on 127.0.0.1, with fake credentials in the environment."""
 
     ACCESS_KEY = "embedded-access-key"
@@ -163,14 +175,6 @@ class EmbeddedS3:
             self._server.stop()  # type: ignore[attr-defined]
             self._server = None
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 def env_with(extra: dict[str, str]) -> dict[str, str]:
     """A copy of os.environ with ``extra`` applied (for child processes)."""
@@ -179,7 +183,7 @@ def env_with(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
+class WorkerProcess(ManagedService):
     """A real ``runcomfy-worker worker`` subprocess (tests, demo, benchmarks)."""
 
     def __init__(
@@ -255,11 +259,3 @@ class WorkerProcess:
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Final, Self
 
 import click
+
+from worker.embedded import ManagedService
 
 MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 
@@ -116,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-class WebhookReceiver:
+class WebhookReceiver(ManagedService):
     """An HTTP server on ``host:port`` that verifies and records Standard Webhooks deliveries."""
 
     def __init__(
@@ -172,14 +174,6 @@ class WebhookReceiver:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def set_status(self, code: int | None) -> None:
         """Answer every delivery with ``code`` (e.g. 503 = down); None restores normal answers."""

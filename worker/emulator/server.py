@@ -20,9 +20,9 @@ import struct
 import threading
 import time
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any, Final, Self
 
+from worker.embedded import ManagedService
 from worker.emulator.config import EmulatorConfig
 from worker.emulator.core import Emulator, Reply, blob_size, error_reply
 from worker.emulator.faults import FaultRule
@@ -258,7 +258,7 @@ class _HTTPFrontend:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class EmulatorServer:
+class EmulatorServer(ManagedService):
     """The RunComfy emulator over HTTP on ``host:port`` (0: a free port), in a background thread."""
 
     def __init__(
@@ -404,14 +404,6 @@ class EmulatorServer:
     def update_config(self, **changes: Any) -> EmulatorConfig:
         """Same as ``POST /_emulator/config``; returns the new configuration."""
         return self.emulator.update_config(**changes)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def serve_forever(

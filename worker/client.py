@@ -33,7 +33,7 @@ Errors, all :class:`~worker.errors.ServiceError`::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager, suppress
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Self
@@ -45,7 +45,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import ValidationError
 
 from api_contracts.jobs import JobRecord, JobRequest, JobStatus
-from api_contracts.messages import QUEUE_FOR_TASK, TASK_CANCEL
+from api_contracts.messages import TASK_CANCEL
 from worker import errors
 from worker.errors import (
     IdempotencyConflictError,
@@ -53,6 +53,7 @@ from worker.errors import (
     ServiceError,
     TransitionRefusedError,
 )
+from worker.messaging import send_message
 from worker.producer import InvalidRequestError, Producer
 from worker.runtime import Runtime
 from worker.settings import ConfigError, RedisSettings, Settings, load_settings
@@ -238,6 +239,14 @@ class Client:
         with self._redis_errors():
             return self._producer.enqueue(data, job_id=job_id)
 
+    def submit_many(self, requests: Iterable[JobRequest | Mapping[str, Any]]) -> list[JobRecord]:
+        """Validate and queue many jobs at once (records in one pipeline, messages in one
+        batch); returns their records in order. If any request is invalid, nothing is queued
+        and InvalidRequestError names each bad field as ``[index].field``."""
+        data = [r if isinstance(r, JobRequest) else dict(r) for r in requests]
+        with self._redis_errors():
+            return self._producer.enqueue_many(data)
+
     # ------------------------------------------------------------------ reading
     def get(self, job_id: str) -> JobRecord:
         """The job's record; JobNotFoundError when unknown or expired."""
@@ -349,12 +358,7 @@ class Client:
             if record.status != JobStatus.IN_QUEUE:
                 return None
             with self._redis_errors():
-                self._app.send_task(
-                    TASK_CANCEL,
-                    args=[job_id],
-                    queue=QUEUE_FOR_TASK[TASK_CANCEL],
-                    routing_key=QUEUE_FOR_TASK[TASK_CANCEL],
-                )
+                send_message(self._app, TASK_CANCEL, [job_id])
             try:
                 for record in updates:
                     if record.status.is_terminal:

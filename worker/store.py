@@ -23,14 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import redis
 
-from api_contracts.jobs import JobError, JobRecord, JobRequest, JobStatus
+from api_contracts.jobs import JobError, JobRecord, JobRequest, JobStatus, WebhookInfo
 from worker.constants import (
     EVENTS_CHANNEL_PREFIX,
     IDEMPOTENCY_KEY_PREFIX,
@@ -196,47 +196,31 @@ class JobStore:
     ) -> tuple[StoredJob, bool]:
         """The one way a job is born. Returns ``(job, created)``; an existing job is returned
         unchanged (so a producer and a redelivered submit can both call it)."""
-        now = now or utcnow()
-        from api_contracts.jobs import WebhookInfo
-
-        record = JobRecord(
-            id=job_id,
-            status=status,
-            created_at=now,
-            updated_at=now,
-            finished_at=now if status.is_terminal else None,
-            request=request,
-            error=error,
-            webhook=WebhookInfo(id=f"msg_{job_id}")
-            if request is not None and request.webhook_url
-            else None,
+        fields, keys, args = _birth(
+            job_id, request, status=status, error=error, now=now or utcnow(), ttl_s=self.ttl_s
         )
-        fields = {
-            "record": record.model_dump_json(),
-            "status": status.value,
-            "version": "1",
-            "seq": "0",
-            "outbox": "",
-            "lease": "",
-            "attempt": "0",
-            "since": "0",
-            "rhash": request_hash(request) if request is not None else "",
-        }
-        created = self._create(
-            keys=[job_key(job_id), INFLIGHT_KEY, events_channel(job_id)],
-            args=[
-                "",
-                str(self.ttl_s) if status.is_terminal else "0",
-                "" if status.is_terminal else "add",
-                job_id,
-                str(now.timestamp()),
-                status.value,
-                *_flatten(fields),
-            ],
-        )
-        if created:
+        if self._create(keys=keys, args=args):
             return _decode_fields(fields), True
         return self.load(job_id), False
+
+    def create_many(
+        self, jobs: Sequence[tuple[str, JobRequest]], *, now: datetime | None = None
+    ) -> list[StoredJob | None]:
+        """Create ``queued`` jobs in one round trip; each entry is the new job, or None where
+        that id already existed (left unchanged)."""
+        now = now or utcnow()
+        births = [
+            _birth(i, r, status=JobStatus.QUEUED, error=None, now=now, ttl_s=self.ttl_s)
+            for i, r in jobs
+        ]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for _fields, keys, args in births:
+                self._create(keys=keys, args=args, client=pipe)
+            created = pipe.execute()
+        return [
+            _decode_fields(fields) if ok else None
+            for (fields, _k, _a), ok in zip(births, created, strict=True)
+        ]
 
     def update(
         self,
@@ -336,6 +320,52 @@ class JobStore:
     def in_flight(self) -> int:
         """How many jobs are not final."""
         return int(self.redis.zcard(INFLIGHT_KEY))
+
+
+def _birth(
+    job_id: str,
+    request: JobRequest | None,
+    *,
+    status: JobStatus,
+    error: JobError | None,
+    now: datetime,
+    ttl_s: int,
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """Hash fields, script keys and script args that create one job."""
+    record = JobRecord(
+        id=job_id,
+        status=status,
+        created_at=now,
+        updated_at=now,
+        finished_at=now if status.is_terminal else None,
+        request=request,
+        error=error,
+        webhook=WebhookInfo(id=f"msg_{job_id}")
+        if request is not None and request.webhook_url
+        else None,
+    )
+    fields = {
+        "record": record.model_dump_json(),
+        "status": status.value,
+        "version": "1",
+        "seq": "0",
+        "outbox": "",
+        "lease": "",
+        "attempt": "0",
+        "since": "0",
+        "rhash": request_hash(request) if request is not None else "",
+    }
+    keys = [job_key(job_id), INFLIGHT_KEY, events_channel(job_id)]
+    args = [
+        "",
+        str(ttl_s) if status.is_terminal else "0",
+        "" if status.is_terminal else "add",
+        job_id,
+        str(now.timestamp()),
+        status.value,
+        *_flatten(fields),
+    ]
+    return fields, keys, args
 
 
 def _flatten(fields: Mapping[str, str]) -> list[str]:

@@ -16,13 +16,13 @@ import redis
 from celery import Celery
 
 from api_contracts.messages import (
-    QUEUE_FOR_TASK,
     TASK_ARCHIVE,
     TASK_CANCEL,
     TASK_NOTIFY,
     TASK_POLL,
     TASK_SUBMIT,
 )
+from worker.messaging import send_message
 from worker.pipeline import Pipeline, Publisher, StepResult
 
 if TYPE_CHECKING:
@@ -48,14 +48,7 @@ def make_publisher(app: Celery) -> Publisher:
     """A Publisher that sends through ``app`` onto the task's contract queue."""
 
     def publish(task: str, args: list[Any], kwargs: dict[str, Any], countdown: float) -> None:
-        app.send_task(
-            task,
-            args=args,
-            kwargs=kwargs,
-            queue=QUEUE_FOR_TASK[task],
-            routing_key=QUEUE_FOR_TASK[task],
-            countdown=countdown or None,
-        )
+        send_message(app, task, args, kwargs, countdown=countdown)
 
     return publish
 

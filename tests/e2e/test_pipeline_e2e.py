@@ -251,3 +251,23 @@ def test_invalid_request_in_raw_message_fails_job_with_fields(stack: Stack) -> N
     assert record.error is not None and record.error.code == "invalid_request"
     assert "width×height" in record.error.message and "scale" in record.error.message
     assert succeeded(stack.wait(submit(stack)))
+
+
+def test_batch_submitted_jobs_all_complete(stack: Stack) -> None:
+    from worker.client import Client
+
+    with Client(settings=stack.app.settings) as client:
+        records = client.submit_many(
+            [
+                {
+                    "input": {"prompt": f"batch {i}", "size": "1024x1024", "force_single": True},
+                    "webhook_url": stack.receiver.url,
+                }
+                for i in range(4)
+            ]
+        )
+    SUBMITTED.extend(r.id for r in records)
+    for r in records:
+        done = stack.wait_webhook(r.id)
+        assert done.status == JobStatus.SUCCEEDED, done.error
+        assert done.webhook is not None and done.webhook.state == WebhookState.DELIVERED

@@ -218,13 +218,13 @@ class WorkerProcess(ManagedService):
         )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited with {self._proc.returncode}:\n{self.log_text()}"
-                )
             if " ready." in self.log_text():
                 return self
-            time.sleep(0.1)
+            try:  # wait on the process itself: returns at once if it dies
+                self._proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                continue
+            raise RuntimeError(f"worker exited with {self._proc.returncode}:\n{self.log_text()}")
         raise TimeoutError(f"worker not ready after {ready_timeout_s}s:\n{self.log_text()[-4000:]}")
 
     def log_text(self) -> str:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,9 +409,7 @@ class Stack:
         """Service Settings as a worker with ``env(db, **extra)`` would load them."""
         from worker.settings import load_settings
 
-        env = self.env(db, **extra)
-        with patched_environ(env):
-            return load_settings()
+        return load_settings(environ=self.env(db, **extra))
 
     def producer(self, db: int = 0, **extra: str) -> Any:
         """A Producer (and its Celery app) on this stack; close with ``app.close_runtime()``."""
@@ -420,19 +418,6 @@ class Stack:
 
         app = create_app(self.settings(db, **extra))
         return Producer(app.runtime, app)
-
-
-@contextlib.contextmanager
-def patched_environ(env: dict[str, str]) -> Iterator[None]:
-    """Temporarily replace os.environ (settings are read from it once)."""
-    old = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
 
 
 def job_request(webhook_url: str | None = None, n: int = 0) -> dict[str, Any]:

@@ -274,8 +274,7 @@ def _start(env: dict[str, str], stack: ExitStack, out: _Out) -> _Services:
         secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         worker_env["WEBHOOK_SECRET"] = secret
     try:
-        with _environment(worker_env):
-            settings = load_settings()
+        settings = load_settings(environ=worker_env)
     except ConfigError as exc:
         raise _ConfigProblem(str(exc)) from None
     receiver = WebhookReceiver(secret).start()
@@ -359,19 +358,6 @@ def _stop_worker(worker: WorkerProcess) -> None:
 def _first_secret(env: Mapping[str, str]) -> str | None:
     entries = [s.strip() for s in env.get("WEBHOOK_SECRET", "").split(",") if s.strip()]
     return entries[0] if entries else None
-
-
-@contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Settings are read from os.environ: show them the worker's environment for a moment."""
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _safe(url: str) -> str:

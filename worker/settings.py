@@ -8,6 +8,9 @@ chain (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, instance roles …), never from h
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -251,8 +254,29 @@ def _env_name(section: type[_Section], loc: tuple[int | str, ...]) -> str:
     return f"{section.env_prefix_name}{loc[0]}".upper()
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Read every section from the environment; a bad value raises ConfigError naming it."""
+_ENVIRON_LOCK = threading.Lock()
+
+
+def load_settings(*, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read every section from the environment; a bad value raises ConfigError naming it.
+
+    ``environ``: read these variables instead of this process's (what a worker started with
+    that environment would see: the demo, tests and benchmarks use it)."""
+    if environ is None:
+        return _load(overrides)
+    # pydantic-settings reads os.environ only: show it the given mapping for a moment.
+    with _ENVIRON_LOCK:
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(environ)
+        try:
+            return _load(overrides)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def _load(overrides: Mapping[str, Any]) -> Settings:
     built: dict[str, Any] = {}
     problems: list[str] = []
     for name, cls in _SECTIONS.items():

@@ -132,14 +132,7 @@ def stack_factory(
         ).start()
         receiver = WebhookReceiver(WEBHOOK_SECRET).start()
         env = stack_env(server.url, s3_server, emu, **env_extra)
-        old = dict(os.environ)
-        os.environ.update({k: v for k, v in env.items() if k not in old or old[k] != v})
-        try:
-            settings = load_settings()
-        finally:
-            os.environ.clear()
-            os.environ.update(old)
-        app = create_app(settings)
+        app = create_app(load_settings(environ=env))
         stack = Stack(
             redis=redis.Redis.from_url(server.url),
             redis_url=server.url,

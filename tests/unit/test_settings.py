@@ -106,3 +106,16 @@ def test_min_above_max_interval_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("POLL_MAX_INTERVAL_S", "5")
     with pytest.raises(ConfigError, match="POLL_"):
         load_settings()
+
+
+def test_environ_mapping_is_read_instead_of_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("S3_BUCKET", "process-bucket")
+    before = dict(__import__("os").environ)
+    s = load_settings(environ={"S3_BUCKET": "given-bucket", "JOB_TTL_S": "60"})
+    assert (s.s3.bucket, s.job.ttl_s) == ("given-bucket", 60)
+    assert dict(__import__("os").environ) == before  # restored
+    with pytest.raises(ConfigError, match="JOB_TTL_S"):
+        load_settings(environ={"JOB_TTL_S": "soon"})
+    assert dict(__import__("os").environ) == before

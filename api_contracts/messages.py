@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from api_contracts.jobs import JobId, JobRequest
 
@@ -48,6 +48,9 @@ class SubmitMessage(BaseModel):
     job_id: JobId
     request: JobRequest
     seq: int = Field(default=0, ge=0, description="0 from producers; retries carry more.")
+    not_before: StrictFloat | StrictInt | None = Field(
+        default=None, description="A hop of a long wait: not due before this epoch time."
+    )
 
 
 class CancelMessage(BaseModel):
@@ -66,3 +69,6 @@ class StepMessage(BaseModel):
 
     job_id: JobId
     seq: int = Field(default=0, ge=0)
+    not_before: StrictFloat | StrictInt | None = Field(
+        default=None, description="A hop of a long wait: not due before this epoch time."
+    )

@@ -74,7 +74,7 @@ def child(
     from boto3.s3.transfer import TransferConfig
 
     from api_contracts.jobs import OutputKind
-    from worker.archive import MAX_IMAGE_BYTES, Archiver, make_s3_client
+    from worker.services.s3 import MAX_IMAGE_BYTES, Archiver, make_s3_client
     from worker.settings import S3Settings
 
     settings = S3Settings(bucket=BUCKET, endpoint_url=endpoint, region="us-east-1")
@@ -160,7 +160,7 @@ def measure(
     names an S3 endpoint that is already up (the bucket is created if missing)."""
     import boto3
 
-    from worker.embedded import EmbeddedS3, env_with, free_port
+    from worker.devtools.embedded import EmbeddedS3, env_with, free_port
 
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory(prefix="bench-archive-") as tmp:

@@ -11,7 +11,7 @@ stack's environment; ``REDIS_URL`` names the broker) runs:
   ``time.sleep(poll)`` + a status call *inside the task*, so one pool slot is busy for the
   whole generation: a threads pool of 8 holds 8 generations in flight, no more.
 
-The configuration is the service's own (``worker.celery_app.celery_config``: hardened
+The configuration is the service's own (``worker.queueing.config.celery_config``: hardened
 transport, acks_late, prefetch 1, the same four queues), so the only difference is the tasks.
 """
 
@@ -27,7 +27,7 @@ from celery import Celery
 
 from api_contracts.messages import ALL_QUEUES
 from bench.common import CHAIN_DONE_KEY, NAIVE_ACTIVE_KEY
-from worker.celery_app import celery_config
+from worker.queueing.config import celery_config
 from worker.settings import load_settings
 
 HOPS = len(ALL_QUEUES)

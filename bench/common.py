@@ -22,9 +22,15 @@ from typing import Any
 
 import redis
 
-from worker.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess, free_port, wait_for_port
-from worker.emulator import EmulatorConfig, EmulatorServer
-from worker.receiver import WebhookReceiver
+from worker.devtools.embedded import (
+    EmbeddedRedis,
+    EmbeddedS3,
+    WorkerProcess,
+    free_port,
+    wait_for_port,
+)
+from worker.devtools.emulator import EmulatorConfig, EmulatorServer
+from worker.devtools.receiver import WebhookReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
 INJECT_DIR = Path(__file__).resolve().parent / "_inject"
@@ -413,8 +419,8 @@ class Stack:
 
     def producer(self, db: int = 0, **extra: str) -> Any:
         """A Producer (and its Celery app) on this stack; close with ``app.close_runtime()``."""
-        from worker.celery_app import create_app
-        from worker.producer import Producer
+        from worker.producer.producer import Producer
+        from worker.queueing.run import create_app
 
         app = create_app(self.settings(db, **extra))
         return Producer(app.runtime, app)

@@ -18,7 +18,7 @@ from multiprocessing.synchronize import Barrier, Event
 
 import httpx
 
-from worker.emulator import EmulatorConfig, EmulatorServer
+from worker.devtools.emulator import EmulatorConfig, EmulatorServer
 
 TOKEN = "bench-token"
 MODEL = "bytedance/dreamina-4-0/text-to-image"

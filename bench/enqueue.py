@@ -39,8 +39,8 @@ def _child(n: int) -> dict[str, Any]:
 
     from api_contracts.messages import QUEUE_SUBMIT
     from bench.baseline_app import noop
-    from worker.client import Client
-    from worker.producer import Producer
+    from worker.producer.client import Client
+    from worker.producer.producer import Producer
 
     url = os.environ["REDIS_URL"]
     flush = redis.Redis.from_url(url)

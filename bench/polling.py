@@ -8,7 +8,7 @@ status calls come from the emulator's per-request counters; detection is the mom
 generation's run time. Runtimes are spread ±5 % so detections fall at every phase of the
 schedule.
 
-Long generations (2 min, 10 min) are simulated with ``worker.decisions.poll_interval`` (the
+Long generations (2 min, 10 min) are simulated with ``worker.jobs.decisions.poll_interval`` (the
 pure function the worker uses), the settings defaults, and the same ±5 % spread, 1,000 jobs.
 
 Why the two targets conflict: the schedule checks every second until 10 s, then every 10 % of
@@ -43,7 +43,7 @@ from bench.common import (
     wait_until,
 )
 from worker.constants import EVENTS_CHANNEL_PREFIX
-from worker.decisions import poll_interval
+from worker.jobs.decisions import poll_interval
 from worker.settings import PollSettings
 
 FIXED_S = 0.5

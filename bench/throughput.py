@@ -33,7 +33,7 @@ from bench.common import (
     unacked,
     wait_until,
 )
-from worker.emulator import FaultRule
+from worker.devtools.emulator import FaultRule
 
 HOPS_PER_JOB = 4
 WARMUP_JOBS = 8

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.embedded import EmbeddedRedis, EmbeddedS3
+from worker.devtools.embedded import EmbeddedRedis, EmbeddedS3
 
 # boto3 must never find real credentials or config on a developer machine.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", EmbeddedS3.ACCESS_KEY)

@@ -1,7 +1,7 @@
 """``runcomfy-worker``: the service's command line.
 
 Producer commands (``submit``, ``status``, ``wait``, ``cancel``) talk to Redis through
-:class:`worker.client.Client`; ``worker`` runs a Celery worker; ``demo`` runs the whole
+:class:`worker.producer.client.Client`; ``worker`` runs a Celery worker; ``demo`` runs the whole
 pipeline on embedded stand-ins. Exit codes: 0 done, 1 failed / not possible right now,
 2 bad input or configuration (nothing was queued).
 """
@@ -21,7 +21,7 @@ from worker import __version__
 
 if TYPE_CHECKING:
     from api_contracts.jobs import JobRecord
-    from worker.client import Client
+    from worker.producer.client import Client
 
 EPILOG = """\b
 Examples:
@@ -61,15 +61,14 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
 @contextmanager
 def reported_errors() -> Iterator[None]:
     """Turn the service's expected errors into one ``error: …`` line and an exit code."""
-    from worker.client import (
+    from worker.errors import ConfigError, JobNotFoundError, NotCancellableError
+    from worker.producer.client import (
         IdempotencyConflictError,
         InvalidRequestError,
         RedisUnavailableError,
         TryAgainError,
         WaitTimeoutError,
     )
-    from worker.errors import JobNotFoundError, NotCancellableError
-    from worker.settings import ConfigError
 
     try:
         yield
@@ -92,7 +91,7 @@ def reported_errors() -> Iterator[None]:
 
 
 def _client(redis_url: str | None) -> Client:
-    from worker.client import Client
+    from worker.producer.client import Client
 
     return Client(redis_url=redis_url)
 
@@ -277,7 +276,7 @@ def submit(
     redis_url: str | None,
 ) -> None:
     """Queue one text-to-image job (validated first: bad input exits 2, nothing queued)."""
-    from worker.client import InvalidRequestError
+    from worker.producer.client import InvalidRequestError
 
     with reported_errors():
         problems: list[tuple[str, str]] = []
@@ -426,7 +425,7 @@ anything failed.
 )  # fmt: skip
 def demo(output_dir: str, timeout: float) -> None:
     """Run the whole pipeline end to end on embedded Redis, S3 and RunComfy emulator."""
-    from worker.demo import run_demo
+    from worker.devtools.demo import run_demo
 
     sys.exit(run_demo(output_dir=output_dir, timeout_s=timeout))
 
@@ -481,16 +480,16 @@ Any other argument is passed to `celery worker`.""",
 @click.pass_context
 def worker(ctx: click.Context) -> None:
     """Run a Celery worker (all queues by default; -Q to pick). Reads settings from the env."""
-    from worker.run import run_worker
+    from worker.queueing.run import run_worker
 
     sys.exit(run_worker(list(ctx.args)))
 
 
 def _register_optional() -> None:
     """Attach commands that live in their own modules."""
-    from worker.emulator.cli import emulator_command
+    from worker.devtools.emulator.cli import emulator_command
+    from worker.devtools.receiver import receiver_command
     from worker.health import healthcheck_command
-    from worker.receiver import receiver_command
 
     main.add_command(emulator_command, "emulator")
     main.add_command(receiver_command, "receiver")

@@ -1,26 +1,53 @@
-"""Errors raised by the service's boundaries, classified once, where they happen.
+"""Every error the service raises on purpose, classified once, where it happens.
 
-::
+The one drawing of the tree (other modules point here)::
 
     ServiceError
-    ├── UpstreamError                 RunComfy answered badly or not at all
-    │   ├── RetryableUpstreamError    429, 5xx, timeouts, connection errors (retry_after_s)
-    │   ├── PermanentUpstreamError    400/401/403/404/422 and other 4xx (status_code, message)
-    │   │   └── NotCancellableError   cancel refused: the request is already running
-    │   └── UpstreamProtocolError     malformed JSON or an answer of unknown shape/status
-    ├── DownloadError                 fetching an output file (retryable or not)
+    ├── ConfigError                   a setting is missing or malformed (names the variable)
+    ├── UpstreamError                 RunComfy answered badly or not at all (services.runcomfy)
+    │   ├── RetryableUpstreamError    try again later: 408, 429, 5xx (status_code, retry_after_s
+    │   │                             from Retry-After, seconds or a date); timeouts; refused,
+    │   │                             reset or half-closed connections
+    │   ├── PermanentUpstreamError    fails the same way again: 400/401/403/404/422 and every
+    │   │   │                         other 4xx (status_code; upstream's message, ~500 chars)
+    │   │   └── NotCancellableError   cancel refused: 409, a 400 saying the request is running,
+    │   │                             or (producers) a job already running upstream
+    │   ├── UpstreamProtocolError     a 2xx that is not the documented answer: malformed JSON,
+    │   │                             a missing request_id, an unknown status; a redirect
+    │   └── GenerationFailedError     upstream reported the generation itself as failed
+    ├── DownloadError                 fetching an output file (.retryable)
+    │   └── OutputTooLargeError       over the documented size limit
     ├── StorageError                  S3 failed (retryable)
-    ├── TargetForbiddenError          SSRF guard refused a URL from a producer or upstream
+    ├── TargetForbiddenError          URL guard refused a URL from a producer or upstream
     ├── JobNotFoundError              the job store has no such job
     ├── IdempotencyConflictError      same idempotency key, different request
-    └── TransitionRefusedError        the job moved on; a stale or duplicate step
+    ├── TransitionRefusedError        the job moved on; a stale or duplicate step
+    └── producer side (worker.producer re-exports these)
+        ├── InvalidRequestError       the request does not validate; nothing queued (.errors)
+        ├── RedisUnavailableError     Redis (broker and job store) cannot be reached
+        ├── WaitTimeoutError          wait()/cancel() ran out of time (.record: last seen)
+        └── TryAgainError             the job is being submitted right now; try again shortly
+
+The RunComfy token never appears in any of these: httpx exceptions, which hold the request
+and its headers, are not chained into ours.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from api_contracts.jobs import JobRecord, JobStatus
+
 
 class ServiceError(Exception):
     """Root of every error this service raises on purpose."""
+
+
+class ConfigError(ServiceError, ValueError):
+    """A setting is missing or malformed; the message names the environment variable."""
 
 
 class UpstreamError(ServiceError):
@@ -47,11 +74,38 @@ class PermanentUpstreamError(UpstreamError):
 
 
 class NotCancellableError(PermanentUpstreamError):
-    """Upstream refused to cancel: the request is already in progress or finished."""
+    """The request (or job) is already running upstream: upstream cannot cancel running work.
+
+    ``job_id`` and ``status`` are set when a producer's cancel of a job was refused."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 409,
+        job_id: str | None = None,
+        status: JobStatus | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code)
+        self.job_id = job_id
+        self.status = status
+
+    @classmethod
+    def for_job(cls, job_id: str, status: JobStatus) -> NotCancellableError:
+        """A producer's cancel of ``job_id`` refused because the job is ``status``."""
+        return cls(
+            f"job {job_id} is {status.value}: not cancellable, upstream cannot cancel running work",
+            job_id=job_id,
+            status=status,
+        )
 
 
 class UpstreamProtocolError(UpstreamError):
     """Upstream answered with something that is not the documented shape."""
+
+
+class GenerationFailedError(UpstreamError):
+    """Upstream reported the generation as failed in its result."""
 
 
 class DownloadError(ServiceError):
@@ -95,3 +149,40 @@ class IdempotencyConflictError(ServiceError):
 
 class TransitionRefusedError(ServiceError):
     """A status change not allowed from the job's current state (stale or duplicate step)."""
+
+
+class InvalidRequestError(ServiceError, ValueError):
+    """The request does not validate; ``errors`` lists ``(field, reason)`` pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{field}: {reason}" for field, reason in errors))
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> InvalidRequestError:
+        """Build from pydantic's error list, naming each field with its dotted path."""
+        return cls(
+            [
+                (
+                    ".".join(str(p) for p in e["loc"]) or "request",
+                    e["msg"].removeprefix("Value error, "),
+                )
+                for e in exc.errors()
+            ]
+        )
+
+
+class RedisUnavailableError(ServiceError, ConnectionError):
+    """Redis (the broker and the job store) could not be reached."""
+
+
+class WaitTimeoutError(ServiceError, TimeoutError):
+    """The job did not reach the awaited state in time; ``record`` is the last one read."""
+
+    def __init__(self, message: str, record: JobRecord) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+class TryAgainError(ServiceError):
+    """The job is between two states (being submitted upstream); try again in a moment."""

@@ -12,8 +12,11 @@ from urllib.parse import urlsplit
 import httpx
 import redis
 
+from worker.jobs.store import JobStore, RedisJobStore
+from worker.services.runcomfy import RunComfyClient
+from worker.services.url_guard import UrlGuard, guarded_client
+from worker.services.webhooks import WebhookSender
 from worker.settings import Settings
-from worker.store import JobStore
 
 
 def make_redis(url: str) -> redis.Redis:
@@ -44,27 +47,26 @@ class Runtime:
     @cached_property
     def store(self) -> JobStore:
         """The job store."""
-        return JobStore(self.redis, ttl_s=self.settings.job.ttl_s)
+        return RedisJobStore(self.redis, ttl_s=self.settings.job.ttl_s)
 
     @cached_property
     def runcomfy(self) -> RunComfyClient:
         """RunComfy client (operator's endpoint: not behind the SSRF guard)."""
-        from worker.runcomfy import RunComfyClient
-
         return RunComfyClient(self.settings.runcomfy)
+
+    @property
+    def upstream(self) -> RunComfyClient:
+        """RunComfy, under the name the steps use (``worker.jobs.steps.Services``)."""
+        return self.runcomfy
 
     @cached_property
     def guard(self) -> UrlGuard:
         """SSRF guard for producer-supplied URLs (webhook targets)."""
-        from worker.ssrf import UrlGuard
-
         return UrlGuard(allow_private=self.settings.allow_private_networks)
 
     @cached_property
     def download_guard(self) -> UrlGuard:
         """SSRF guard for upstream-supplied output URLs: the RunComfy host is always allowed."""
-        from worker.ssrf import UrlGuard
-
         host = urlsplit(self.settings.runcomfy.base_url).hostname or ""
         return UrlGuard(
             allow_private=self.settings.allow_private_networks,
@@ -74,8 +76,6 @@ class Runtime:
     @cached_property
     def downloads(self) -> httpx.Client:
         """HTTP client for output files, behind the guard."""
-        from worker.ssrf import guarded_client
-
         rc = self.settings.runcomfy
         timeout = httpx.Timeout(rc.download_timeout_s, connect=rc.connect_timeout_s)
         return guarded_client(self.download_guard, timeout=timeout)
@@ -83,23 +83,20 @@ class Runtime:
     @cached_property
     def archiver(self) -> Archiver:
         """Streams outputs into S3."""
-        from worker.archive import Archiver, make_s3_client
+        # boto3 costs ~0.3 s to import: only processes that archive pay it.
+        from worker.services.s3 import Archiver, make_s3_client  # noqa: PLC0415
 
         return Archiver(make_s3_client(self.settings.s3), self.settings.s3, self.downloads)
 
     @cached_property
     def webhook_http(self) -> httpx.Client:
         """HTTP client for webhook deliveries, behind the guard."""
-        from worker.ssrf import guarded_client
-
         timeout = httpx.Timeout(self.settings.webhook.timeout_s)
         return guarded_client(self.guard, timeout=timeout)
 
     @cached_property
     def webhooks(self) -> WebhookSender:
         """Signs and POSTs webhook events."""
-        from worker.webhooks import WebhookSender
-
         return WebhookSender(self.settings.webhook.secret, self.webhook_http)
 
     def close(self) -> None:
@@ -114,8 +111,5 @@ class Runtime:
             self.redis.close()
 
 
-if TYPE_CHECKING:  # keeps heavy imports out of producers that never use them
-    from worker.archive import Archiver
-    from worker.runcomfy import RunComfyClient
-    from worker.ssrf import UrlGuard
-    from worker.webhooks import WebhookSender
+if TYPE_CHECKING:  # boto3 stays out of processes that never archive
+    from worker.services.s3 import Archiver

@@ -8,22 +8,29 @@ chain (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, instance roles …), never from h
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
-import threading
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
+
+from worker.errors import ConfigError
 
 DEFAULT_RUNCOMFY_BASE_URL = "https://model-api.runcomfy.net"
 DEFAULT_MODEL_ID = "bytedance/dreamina-4-0/text-to-image"
 # Standard Webhooks' suggested schedule (as Svix does): 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
-
-
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names the environment variable."""
 
 
 def _split_csv(value: Any) -> Any:
@@ -32,9 +39,43 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+# The variables load_settings is reading, while it reads them. A context variable, not a global,
+# so that concurrent loads in other threads (or tasks) each see their own.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("_ENVIRON", default=None)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        # Set first: super().__init__ loads the variables, through _load_env_vars.
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
+
 class _Section(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
     env_prefix_name: ClassVar[str] = ""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The default sources, with the environment read from load_settings' mapping if set."""
+        environ = _ENVIRON.get()
+        if environ is not None:
+            env_settings = _MappingEnvSource(settings_cls, environ)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
 
 class RedisSettings(_Section):
@@ -131,9 +172,6 @@ class WebhookSettings(_Section):
     @field_validator("secret")
     @classmethod
     def _whsec(cls, value: list[SecretStr]) -> list[SecretStr]:
-        import base64
-        import binascii
-
         for i, secret in enumerate(value):
             raw = secret.get_secret_value()
             body = raw.removeprefix("whsec_")
@@ -254,26 +292,18 @@ def _env_name(section: type[_Section], loc: tuple[int | str, ...]) -> str:
     return f"{section.env_prefix_name}{loc[0]}".upper()
 
 
-_ENVIRON_LOCK = threading.Lock()
-
-
 def load_settings(*, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read every section from the environment; a bad value raises ConfigError naming it.
 
     ``environ``: read these variables instead of this process's (what a worker started with
-    that environment would see: the demo, tests and benchmarks use it)."""
-    if environ is None:
+    that environment would see: the demo, tests and benchmarks use it). ``os.environ`` is
+    only ever read, never changed, so other threads (boto3 …) are unaffected."""
+    # One snapshot, so that every section sees the same variables.
+    token = _ENVIRON.set(dict(os.environ if environ is None else environ))
+    try:
         return _load(overrides)
-    # pydantic-settings reads os.environ only: show it the given mapping for a moment.
-    with _ENVIRON_LOCK:
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(environ)
-        try:
-            return _load(overrides)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+    finally:
+        _ENVIRON.reset(token)
 
 
 def _load(overrides: Mapping[str, Any]) -> Settings:

@@ -14,11 +14,12 @@ import pytest
 import redis
 
 from api_contracts.jobs import JobRecord, JobStatus
-from worker.celery_app import ServiceCelery, create_app
-from worker.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
-from worker.emulator import EmulatorConfig, EmulatorServer
-from worker.producer import Producer
-from worker.receiver import WebhookReceiver
+from worker.devtools.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from worker.devtools.emulator import EmulatorConfig, EmulatorServer
+from worker.devtools.receiver import WebhookReceiver
+from worker.producer.producer import Producer
+from worker.queueing.config import ServiceCelery
+from worker.queueing.run import create_app
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.e2e

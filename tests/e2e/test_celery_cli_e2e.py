@@ -10,8 +10,8 @@ import pytest
 
 from api_contracts.jobs import JobStatus, WebhookState
 from api_contracts.messages import ALL_QUEUES
-from worker.embedded import WorkerProcess
-from worker.emulator import EmulatorConfig
+from worker.devtools.embedded import WorkerProcess
+from worker.devtools.emulator import EmulatorConfig
 
 from .conftest import TOKEN, Stack, assert_clean_log
 

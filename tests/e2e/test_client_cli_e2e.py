@@ -1,4 +1,4 @@
-"""The producer side against a real worker: worker.client.Client and the CLI commands
+"""The producer side against a real worker: worker.producer.client.Client and the CLI commands
 submit / status / wait / cancel, including every cancel path and every error message."""
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from click.testing import CliRunner, Result
 from api_contracts.jobs import JobRecord, JobRequest, JobStatus, WebhookState
 from api_contracts.messages import QUEUE_SUBMIT
 from worker.cli import main
-from worker.client import (
+from worker.devtools.embedded import WorkerProcess, free_port
+from worker.devtools.emulator import EmulatorConfig, FaultRule
+from worker.errors import JobNotFoundError
+from worker.jobs.state import JobChange, transition_allowed
+from worker.producer.client import (
     Client,
     IdempotencyConflictError,
     InvalidRequestError,
@@ -26,10 +30,6 @@ from worker.client import (
     TryAgainError,
     WaitTimeoutError,
 )
-from worker.embedded import WorkerProcess, free_port
-from worker.emulator import EmulatorConfig, FaultRule
-from worker.errors import JobNotFoundError
-from worker.store import transition_allowed
 
 from .conftest import TOKEN, Stack, assert_clean_log
 
@@ -320,8 +320,8 @@ def test_cancel_archiving_is_not_cancellable(idle_stack: Stack, idle_client: Cli
     store = idle_stack.producer.rt.store
     job = store.load(record.id)
     for status in (JobStatus.SUBMITTING, JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS):
-        job = store.update(job, status=status, request_id="req-x") or job
-    store.update(job, status=JobStatus.ARCHIVING)
+        job = store.update(job, JobChange(status=status, request_id="req-x")) or job
+    store.update(job, JobChange(status=JobStatus.ARCHIVING))
     with pytest.raises(NotCancellableError, match="archiving"):
         idle_client.cancel(record.id)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from api_contracts.jobs import JobStatus
-from worker.emulator import EmulatorConfig
+from worker.devtools.emulator import EmulatorConfig
 
 from .conftest import TOKEN, Stack
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from worker.embedded import EmbeddedRedis, EmbeddedS3
-from worker.emulator import EmulatorConfig, EmulatorServer
+from worker.devtools.embedded import EmbeddedRedis, EmbeddedS3
+from worker.devtools.emulator import EmulatorConfig, EmulatorServer
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,8 @@ from standardwebhooks.webhooks import Webhook
 
 from api_contracts.jobs import JobStatus, WebhookState
 from api_contracts.messages import QUEUE_POLL, TASK_ARCHIVE, TASK_NOTIFY, TASK_POLL, TASK_SUBMIT
-from worker.emulator import EmulatorConfig, FaultRule
-from worker.producer import new_job_id, submit_message
+from worker.devtools.emulator import EmulatorConfig, FaultRule
+from worker.producer.producer import new_job_id, submit_message
 
 from .conftest import BUCKET, TOKEN, WEBHOOK_SECRET, Stack, assert_clean_log, succeeded
 
@@ -254,7 +254,7 @@ def test_invalid_request_in_raw_message_fails_job_with_fields(stack: Stack) -> N
 
 
 def test_batch_submitted_jobs_all_complete(stack: Stack) -> None:
-    from worker.client import Client
+    from worker.producer.client import Client
 
     with Client(settings=stack.app.settings) as client:
         records = client.submit_many(

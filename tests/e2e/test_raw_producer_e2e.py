@@ -25,9 +25,9 @@ from standardwebhooks.webhooks import Webhook
 
 from api_contracts.jobs import JobStatus
 from api_contracts.messages import QUEUE_SUBMIT, TASK_SUBMIT
-from worker.celery_app import create_app
-from worker.embedded import EmbeddedRedis
-from worker.emulator import EmulatorConfig
+from worker.devtools.embedded import EmbeddedRedis
+from worker.devtools.emulator import EmulatorConfig
+from worker.queueing.run import create_app
 from worker.settings import RedisSettings, Settings
 
 from .conftest import TOKEN, WEBHOOK_SECRET, Stack, assert_clean_log

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from api_contracts.jobs import JobStatus
-from worker.emulator import EmulatorConfig, FaultRule
+from worker.devtools.emulator import EmulatorConfig, FaultRule
 
 from .conftest import TOKEN, WEBHOOK_SECRET, Stack
 

@@ -18,9 +18,9 @@ import pytest
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse, HTTPHeaders
 
 from api_contracts.jobs import ArchivedOutput, OutputKind
-from worker.archive import MAX_IMAGE_BYTES, Archiver, make_s3_client
-from worker.embedded import EmbeddedS3, free_port
+from worker.devtools.embedded import EmbeddedS3, free_port
 from worker.errors import DownloadError, OutputTooLargeError, StorageError, TargetForbiddenError
+from worker.services.s3 import MAX_IMAGE_BYTES, Archiver, make_s3_client
 from worker.settings import S3Settings
 
 if TYPE_CHECKING:

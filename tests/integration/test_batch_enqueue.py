@@ -9,9 +9,10 @@ import pytest
 
 from api_contracts.jobs import JobStatus
 from api_contracts.messages import QUEUE_SUBMIT
-from worker.celery_app import ServiceCelery, create_app
-from worker.embedded import EmbeddedRedis
-from worker.producer import InvalidRequestError, Producer
+from worker.devtools.embedded import EmbeddedRedis
+from worker.producer.producer import InvalidRequestError, Producer
+from worker.queueing.config import ServiceCelery
+from worker.queueing.run import create_app
 from worker.settings import RedisSettings, Settings
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from api_contracts.inputs import GenerationInput
 from api_contracts.upstream import StatusResponse
-from worker.emulator import EmulatorConfig, EmulatorServer, FaultRule
+from worker.devtools.emulator import EmulatorConfig, EmulatorServer, FaultRule
 from worker.errors import (
     NotCancellableError,
     PermanentUpstreamError,
@@ -22,7 +22,7 @@ from worker.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
-from worker.runcomfy import RunComfyClient
+from worker.services.runcomfy import RunComfyClient
 from worker.settings import RunComfySettings
 
 pytestmark = pytest.mark.integration

@@ -19,9 +19,9 @@ import pytest
 
 from api_contracts.inputs import SIZE_KEY
 from api_contracts.upstream import ResultResponse, StatusResponse, SubmitResponse
-from worker.embedded import free_port, wait_for_port
-from worker.emulator import EmulatorConfig, EmulatorServer, FaultRule
-from worker.emulator.png import PAD_CHUNK_TYPE
+from worker.devtools.embedded import free_port, wait_for_port
+from worker.devtools.emulator import EmulatorConfig, EmulatorServer, FaultRule
+from worker.devtools.emulator.png import PAD_CHUNK_TYPE
 
 pytestmark = pytest.mark.integration
 
@@ -671,11 +671,11 @@ def test_chunked_and_expect_continue_bodies(emu: EmulatorServer) -> None:
 def test_one_log_line_per_request_without_the_token(
     http: httpx.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="worker.emulator")
+    caplog.set_level(logging.DEBUG, logger="worker.devtools.emulator")
     submit(http)
     deadline = time.monotonic() + 2
     while True:  # the line is written once the answer is sent, so it may trail the answer
-        lines = [r.getMessage() for r in caplog.records if r.name == "worker.emulator"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "worker.devtools.emulator"]
         if lines or time.monotonic() > deadline:
             break
         time.sleep(0.01)
@@ -700,7 +700,7 @@ def test_port_in_use_raises() -> None:
 
 def test_cli_serves_until_sigterm() -> None:
     port = free_port()
-    code = "from worker.emulator.cli import emulator_command; emulator_command()"
+    code = "from worker.devtools.emulator.cli import emulator_command; emulator_command()"
     args = ["--port", str(port), "--token", "cli", "--queue-s", "0", "--fault-rate", "503@cancel=1"]
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],

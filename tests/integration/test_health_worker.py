@@ -13,7 +13,7 @@ import pytest
 from celery import Celery, _state
 from celery.contrib.testing.worker import start_worker
 
-from worker.embedded import EmbeddedRedis
+from worker.devtools.embedded import EmbeddedRedis
 from worker.health import check_heartbeat, install_heartbeat
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Pipeline steps against real Redis and the emulator over HTTP, with a recording publisher
+"""Job steps against real Redis and the emulator over HTTP, with a recording publisher
 and an injected clock: the at-least-once corners that a live worker rarely hits on cue."""
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ import pytest
 
 from api_contracts.jobs import JobRequest, JobStatus
 from api_contracts.messages import TASK_POLL, TASK_SUBMIT
-from worker.embedded import EmbeddedRedis
-from worker.emulator import EmulatorConfig, EmulatorServer
-from worker.pipeline import OUTBOX_GRACE_S, Pipeline
+from worker.devtools.embedded import EmbeddedRedis
+from worker.devtools.emulator import EmulatorConfig, EmulatorServer
+from worker.jobs.handoff import OUTBOX_GRACE_S, Handoff, StepResult
+from worker.jobs.state import JobChange, Lease
+from worker.jobs.steps import StepContext
+from worker.queueing.tasks import TASKS
 from worker.runtime import Runtime
 from worker.settings import (
     BrokerSettings,
@@ -73,11 +76,33 @@ def runtime(redis_server: EmbeddedRedis, emulator: EmulatorServer) -> Iterator[R
     rt.close()
 
 
-def make(rt: Runtime, clock: Clock | None = None) -> tuple[Pipeline, Recorder]:
-    rec = Recorder()
+class Steps:
+    """Runs task bodies exactly as the Celery tasks do, on a recording publisher."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+
+    def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, owner: str) -> StepResult:
+        return TASKS[TASK_SUBMIT](self.ctx, owner, args, kwargs)
+
+    def poll(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepResult:
+        return TASKS[TASK_POLL](self.ctx, "task-id", args, kwargs)
+
+
+def make(rt: Runtime, clock: Clock | None = None) -> tuple[Steps, Recorder]:
     import time
 
-    return Pipeline(rt, rec, clock=clock or Clock(time.time())), rec
+    rec = Recorder()
+    clock = clock or Clock(time.time())
+    handoff = Handoff(rt.store, rec, max_countdown_s=rt.settings.max_countdown_s, clock=clock)
+    ctx = StepContext(
+        settings=rt.settings,
+        store=rt.store,
+        handoff=handoff,
+        services=rt,
+        clock=clock,
+    )
+    return Steps(ctx), rec
 
 
 REQ = {"input": {"prompt": "steps", "force_single": True}}
@@ -119,7 +144,7 @@ def test_ambiguous_submit_is_counted_noted_and_submitted(
 ) -> None:
     pipe, _ = make(runtime)
     job, _ = runtime.store.create_if_absent("j3", JobRequest.model_validate(REQ))
-    runtime.store.update(job, status=JobStatus.SUBMITTING, lease=("t-dead", 1.0))
+    runtime.store.update(job, JobChange(status=JobStatus.SUBMITTING, lease=Lease("t-dead", 1.0)))
     before = emulator.counters()["submits"]
     assert pipe.submit(("j3", REQ), {}, owner="t-dead").outcome == "submitted"
     record = runtime.store.load("j3").record
@@ -133,7 +158,9 @@ def test_concurrent_duplicate_defers_to_the_lease_holder(runtime: Runtime) -> No
 
     pipe, rec = make(runtime)
     job, _ = runtime.store.create_if_absent("j4", JobRequest.model_validate(REQ))
-    runtime.store.update(job, status=JobStatus.SUBMITTING, lease=("t-live", time.time() + 60))
+    runtime.store.update(
+        job, JobChange(status=JobStatus.SUBMITTING, lease=Lease("t-live", time.time() + 60))
+    )
     assert pipe.submit(("j4", REQ), {}, owner="t-other").outcome == "submit_in_progress_elsewhere"
     assert rec.sent == []
 

@@ -15,9 +15,14 @@ from pydantic import SecretStr
 
 from api_contracts.inputs import GenerationInput
 from api_contracts.jobs import JobRecord, JobRequest, JobStatus, WebhookEvent
-from worker.receiver import ReceivedWebhook, WebhookReceiver, format_delivery, receiver_command
-from worker.ssrf import UrlGuard, guarded_client
-from worker.webhooks import WebhookSender, webhook_headers
+from worker.devtools.receiver import (
+    ReceivedWebhook,
+    WebhookReceiver,
+    format_delivery,
+    receiver_command,
+)
+from worker.services.url_guard import UrlGuard, guarded_client
+from worker.services.webhooks import WebhookSender, webhook_headers
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,5 @@
-"""The job store on a real Redis: creation, compare-and-set, TTLs, idempotency, events."""
+"""The job store contract, on a real Redis and on the in-memory twin: creation,
+compare-and-set, typed changes, TTLs, idempotency; events and keys on Redis."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import redis
 from api_contracts.jobs import JobError, JobRequest, JobStatus
 from worker.constants import INFLIGHT_KEY
 from worker.errors import IdempotencyConflictError, JobNotFoundError, TransitionRefusedError
-from worker.store import JobStore, Outbox, events_channel, job_key
+from worker.jobs.memory import InMemoryJobStore
+from worker.jobs.state import JobChange, Lease, Outbox
+from worker.jobs.store import JobStore, RedisJobStore, events_channel, job_key
 
 pytestmark = pytest.mark.integration
 
@@ -19,9 +22,16 @@ def req(prompt: str = "a cat", **kw: object) -> JobRequest:
     return JobRequest.model_validate({"input": {"prompt": prompt}, **kw})
 
 
+@pytest.fixture(params=["redis", "memory"])
+def store(request: pytest.FixtureRequest) -> JobStore:
+    if request.param == "memory":
+        return InMemoryJobStore(ttl_s=120)
+    return RedisJobStore(request.getfixturevalue("redis_client"), ttl_s=120)
+
+
 @pytest.fixture
-def store(redis_client: redis.Redis) -> JobStore:
-    return JobStore(redis_client, ttl_s=120)
+def redis_store(redis_client: redis.Redis) -> RedisJobStore:
+    return RedisJobStore(redis_client, ttl_s=120)
 
 
 def test_create_if_absent_once(store: JobStore) -> None:
@@ -32,7 +42,10 @@ def test_create_if_absent_once(store: JobStore) -> None:
     assert not created_again
     assert again.record.request == job.record.request
     assert store.in_flight() == 1
-    assert store.redis.ttl(job_key("j1")) == -1  # no TTL while in flight
+    if isinstance(store, RedisJobStore):
+        assert store.redis.ttl(job_key("j1")) == -1  # no TTL while in flight
+    else:
+        assert "j1" not in store.ttls
 
 
 def test_load_unknown(store: JobStore) -> None:
@@ -43,35 +56,78 @@ def test_load_unknown(store: JobStore) -> None:
 
 def test_cas_applies_once_and_refuses_stale_versions(store: JobStore) -> None:
     job, _ = store.create_if_absent("j2", req())
-    moved = store.update(job, status=JobStatus.SUBMITTING, lease=("task-1", 123.5))
+    moved = store.update(job, JobChange(status=JobStatus.SUBMITTING, lease=Lease("task-1", 123.5)))
     assert moved is not None and moved.version == 2
-    assert moved.lease_owner == "task-1" and moved.lease_until == 123.5
-    assert store.update(job, status=JobStatus.SUBMITTING) is None  # stale read
+    assert moved.lease == Lease("task-1", 123.5)
+    assert store.update(job, JobChange(status=JobStatus.SUBMITTING)) is None  # stale read
     loaded = store.load("j2")
     assert loaded.status == JobStatus.SUBMITTING and loaded.version == 2
+    assert loaded.lease == Lease("task-1", 123.5)
+    released = store.update(loaded, JobChange(lease=None))
+    assert released is not None and store.load("j2").lease is None
+
+
+def test_unchanged_fields_keep_their_values_and_none_clears(store: JobStore) -> None:
+    job, _ = store.create_if_absent("j2b", req())
+    first = store.update(
+        job, JobChange(status=JobStatus.SUBMITTING, attempt=3, since=5.0, notes=["n1"])
+    )
+    assert first is not None
+    second = store.update(first, JobChange(status=JobStatus.IN_QUEUE, queue_position=4))
+    assert second is not None
+    loaded = store.load("j2b")
+    assert (loaded.attempt, loaded.since, loaded.record.notes) == (3, 5.0, ["n1"])
+    assert loaded.record.queue_position == 4
+    third = store.update(loaded, JobChange(queue_position=None))
+    assert third is not None and store.load("j2b").record.queue_position is None
+
+
+def test_a_misspelt_change_is_an_error_not_a_silent_no_op() -> None:
+    with pytest.raises(TypeError):
+        JobChange(queue_postion=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        JobChange().but(queue_postion=3)
 
 
 def test_refused_transition_is_not_applied(store: JobStore) -> None:
     job, _ = store.create_if_absent("j3", req())
     with pytest.raises(TransitionRefusedError):
-        store.update(job, status=JobStatus.SUCCEEDED)
+        store.update(job, JobChange(status=JobStatus.SUCCEEDED))
     assert store.load("j3").status == JobStatus.QUEUED
 
 
-def test_terminal_sets_ttl_and_leaves_inflight(store: JobStore) -> None:
+def test_terminal_sets_ttl_and_leaves_inflight(redis_store: RedisJobStore) -> None:
+    store = redis_store
     job, _ = store.create_if_absent("j4", req())
+    assert store.in_flight() == 1
     done = store.update(
-        job, status=JobStatus.FAILED, error=JobError(code="x", message="y"), seq=1, outbox=None
+        job,
+        JobChange(
+            status=JobStatus.FAILED, error=JobError(code="x", message="y"), seq=1, outbox=None
+        ),
     )
     assert done is not None
     assert done.record.finished_at is not None
     assert 0 < store.redis.ttl(job_key("j4")) <= 120
     assert store.redis.zscore(INFLIGHT_KEY, "j4") is None
+    assert store.in_flight() == 0
+
+
+def test_memory_twin_tracks_ttls_and_in_flight_like_redis() -> None:
+    store = InMemoryJobStore(ttl_s=120)
+    job, _ = store.create_if_absent("j4m", req())
+    assert store.in_flight() == 1 and "j4m" not in store.ttls
+    done = store.update(job, JobChange(status=JobStatus.CANCELLED))
+    assert done is not None and done.record.finished_at is not None
+    assert store.ttls["j4m"] == 120 and store.in_flight() == 0
+    assert store.events == [("j4m", "queued"), ("j4m", "cancelled")]
 
 
 def test_outbox_and_seq_round_trip(store: JobStore) -> None:
     job, _ = store.create_if_absent("j5", req())
-    after = store.update(job, seq=1, outbox=Outbox(task="runcomfy.poll", seq=1, due_at=10.0))
+    after = store.update(
+        job, JobChange(seq=1, outbox=Outbox(task="runcomfy.poll", seq=1, due_at=10.0))
+    )
     assert after is not None
     loaded = store.load("j5")
     assert loaded.seq == 1
@@ -85,7 +141,8 @@ def test_concurrent_cas_only_one_wins(store: JobStore) -> None:
 
     def attempt(i: int) -> None:
         barrier.wait()
-        results.append(store.update(job, status=JobStatus.SUBMITTING, lease=(f"t{i}", 1.0)))
+        change = JobChange(status=JobStatus.SUBMITTING, lease=Lease(f"t{i}", 1.0))
+        results.append(store.update(job, change))
 
     threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
     for t in threads:
@@ -111,11 +168,12 @@ def test_idempotency_different_request_refused(store: JobStore) -> None:
         store.claim_idempotency_key("order-2", "b", req("other", idempotency_key="order-2"))
 
 
-def test_changes_are_published(store: JobStore) -> None:
+def test_changes_are_published(redis_store: RedisJobStore) -> None:
+    store = redis_store
     pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(events_channel("j7"))
     job, _ = store.create_if_absent("j7", req())
-    store.update(job, status=JobStatus.SUBMITTING)
+    store.update(job, JobChange(status=JobStatus.SUBMITTING))
     got = []
     for _ in range(50):
         message = pubsub.get_message(timeout=0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from api_contracts.jobs import OutputKind
-from worker.archive import (
+from worker.services.s3 import (
     MAX_IMAGE_BYTES,
     MAX_VIDEO_BYTES,
     extension_for,

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from api_contracts.jobs import ArchivedOutput, JobError, JobRecord, JobRequest, JobStatus
 from worker.cli import ProgressPrinter, describe, main, progress_line
-from worker.embedded import free_port
+from worker.devtools.embedded import free_port
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 JOB = "6f1c0d2e8a4b4f0e9d8c7b6a5f4e3d2c"

@@ -7,7 +7,6 @@ import pytest
 from api_contracts.errors import ErrorCode
 from api_contracts.jobs import JobStatus
 from api_contracts.upstream import StatusResponse
-from worker import decisions as d
 from worker.errors import (
     DownloadError,
     OutputTooLargeError,
@@ -18,8 +17,9 @@ from worker.errors import (
     TargetForbiddenError,
     UpstreamProtocolError,
 )
+from worker.jobs import decisions as d
+from worker.jobs.state import transition_allowed
 from worker.settings import PollSettings
-from worker.store import transition_allowed
 
 S = JobStatus
 POLL = PollSettings(initial_delay_s=1, min_interval_s=1, max_interval_s=30)

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from worker.emulator import Emulator, EmulatorConfig, FaultRule
-from worker.emulator.faults import FaultPlan, parse_rate_key, validate_rates
+from worker.devtools.emulator import Emulator, EmulatorConfig, FaultRule
+from worker.devtools.emulator.faults import FaultPlan, parse_rate_key, validate_rates
 
 MODEL = "/v1/models/bytedance/dreamina-4-0/text-to-image"
 AUTH = "Bearer t"

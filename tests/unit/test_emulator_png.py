@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from api_contracts.inputs import SIZES, size_dimensions
-from worker.emulator.png import (
+from worker.devtools.emulator.png import (
     PAD_CHUNK_TYPE,
     PNG_SIGNATURE,
     Blob,

@@ -23,7 +23,7 @@ from redis.retry import Retry
 from api_contracts.messages import ALL_QUEUES, QUEUE_POLL, QUEUE_SUBMIT
 from worker import metrics
 from worker.constants import INFLIGHT_KEY
-from worker.embedded import free_port, wait_for_port
+from worker.devtools.embedded import free_port, wait_for_port
 from worker.logs import (
     JsonFormatter,
     SecretRedactingFilter,

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from api_contracts.errors import ErrorCode
 from api_contracts.jobs import JobStatus
 from worker.cli import main
-from worker.embedded import free_port
+from worker.devtools.embedded import free_port
 from worker.settings import _SECTIONS, _TopLevel
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ from worker.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
-from worker.runcomfy import RunComfyClient, classify_response, parse_retry_after
+from worker.services.runcomfy import RunComfyClient, classify_response, parse_retry_after
 from worker.settings import RunComfySettings
 
 SENTINEL = "sk-SENTINEL-7f3a9c-never-print-me"
@@ -695,7 +695,7 @@ def test_one_debug_line_per_call(caplog: pytest.LogCaptureFixture) -> None:
         with pytest.raises(RetryableUpstreamError):
             client.result("r1")
 
-    lines = [r for r in caplog.records if r.name == "worker.runcomfy"]
+    lines = [r for r in caplog.records if r.name == "worker.services.runcomfy"]
     assert [r.levelno for r in lines] == [logging.DEBUG] * 3
     messages = [r.getMessage() for r in lines]
     assert messages[0].startswith(f"runcomfy POST {MODEL_PATH} -> 200 in ")

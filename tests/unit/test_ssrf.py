@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.embedded import free_port
+from worker.devtools.embedded import free_port
 from worker.errors import TargetForbiddenError
-from worker.ssrf import (
+from worker.services.url_guard import (
     GuardedTransport,
     UrlGuard,
     VettedTarget,

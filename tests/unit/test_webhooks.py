@@ -18,10 +18,9 @@ import pytest
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from worker.embedded import free_port
-from worker.settings import DEFAULT_WEBHOOK_RETRY_SCHEDULE
-from worker.ssrf import UrlGuard, guarded_client
-from worker.webhooks import (
+from worker.devtools.embedded import free_port
+from worker.services.url_guard import UrlGuard, guarded_client
+from worker.services.webhooks import (
     USER_AGENT,
     DeliveryResult,
     WebhookSender,
@@ -30,6 +29,7 @@ from worker.webhooks import (
     sign,
     webhook_headers,
 )
+from worker.settings import DEFAULT_WEBHOOK_RETRY_SCHEDULE
 
 SECRET_A = "whsec_" + base64.b64encode(b"secret-a-0123456789abcdef0123456").decode()
 SECRET_B = "whsec_" + base64.b64encode(b"secret-b-0123456789abcdef0123456").decode()

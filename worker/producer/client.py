@@ -2,7 +2,7 @@
 
 ::
 
-    from worker.client import Client
+    from worker.producer.client import Client
 
     with Client.from_env() as client:  # REDIS_URL, ALLOW_PRIVATE_NETWORKS … from the env
         job = client.submit(
@@ -19,15 +19,10 @@ global state, so a single instance can be shared by every thread of a web server
 at start-up, ``close()`` it at shutdown (or use it as a context manager). Nothing connects
 until the first call.
 
-Errors, all :class:`~worker.errors.ServiceError`::
-
-    InvalidRequestError        the request does not validate; nothing was queued (.errors)
-    IdempotencyConflictError   the idempotency key names a job with a different request
-    JobNotFoundError           no such job (never created, or expired)
-    RedisUnavailableError      Redis (broker and job store) cannot be reached
-    WaitTimeoutError           wait()/cancel() ran out of time (.record: the last one seen)
-    NotCancellableError        the job is already running upstream (.status)
-    TryAgainError              the job is being submitted right now; cancel again shortly
+Errors: everything it raises is a :class:`~worker.errors.ServiceError` from the producer
+branch of the tree drawn in :mod:`worker.errors`, re-exported here: InvalidRequestError,
+IdempotencyConflictError, JobNotFoundError, RedisUnavailableError, WaitTimeoutError,
+NotCancellableError, TryAgainError.
 """
 
 from __future__ import annotations
@@ -36,7 +31,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager, suppress
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NoReturn, Self
+from typing import Any, Final, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -46,21 +41,24 @@ from pydantic import ValidationError
 
 from api_contracts.jobs import JobRecord, JobRequest, JobStatus
 from api_contracts.messages import TASK_CANCEL
-from worker import errors
 from worker.errors import (
+    ConfigError,
     IdempotencyConflictError,
+    InvalidRequestError,
     JobNotFoundError,
-    ServiceError,
-    TransitionRefusedError,
+    NotCancellableError,
+    RedisUnavailableError,
+    TryAgainError,
+    WaitTimeoutError,
 )
-from worker.messaging import send_message
-from worker.producer import InvalidRequestError, Producer
+from worker.jobs.cancel import cancel_queued
+from worker.jobs.handoff import Handoff
+from worker.jobs.store import events_channel
+from worker.producer.producer import Producer
+from worker.queueing.config import celery_config
+from worker.queueing.publish import make_publisher, send_message
 from worker.runtime import Runtime
-from worker.settings import ConfigError, RedisSettings, Settings, load_settings
-from worker.store import events_channel
-
-if TYPE_CHECKING:
-    from worker.pipeline import Pipeline
+from worker.settings import RedisSettings, Settings, load_settings
 
 __all__ = [
     "Client",
@@ -88,51 +86,8 @@ _REDIS_ERRORS: Final = (
 )
 
 
-class RedisUnavailableError(ServiceError, ConnectionError):
-    """Redis (the broker and the job store) could not be reached."""
-
-
-class WaitTimeoutError(ServiceError, TimeoutError):
-    """The job did not reach the awaited state in time; ``record`` is the last one read."""
-
-    def __init__(self, message: str, record: JobRecord) -> None:
-        super().__init__(message)
-        self.record = record
-
-
-class NotCancellableError(errors.NotCancellableError):
-    """The job is running upstream (or archiving): upstream cannot cancel running work."""
-
-    def __init__(self, job_id: str, status: JobStatus) -> None:
-        super().__init__(
-            f"job {job_id} is {status.value}: not cancellable, upstream cannot cancel running work",
-            status_code=409,
-        )
-        self.job_id = job_id
-        self.status = status
-
-
-class TryAgainError(ServiceError):
-    """The job is between two states (being submitted upstream); try again in a moment."""
-
-
-class _UpstreamCallRefused(ServiceError):
-    """A producer never calls RunComfy itself; the worker holds the token."""
-
-
-class _ProducerRuntime(Runtime):
-    """A Runtime for producers: Redis and the URL guard only, never RunComfy."""
-
-    @property
-    def runcomfy(self) -> NoReturn:
-        """Refuse: cancelling upstream is the worker's job (``runcomfy.cancel``)."""
-        raise _UpstreamCallRefused("producers do not call RunComfy; the worker does")
-
-
 def _producer_app(settings: Settings) -> Celery:
     """A Celery app used only to send messages: no tasks, no signals, not the current app."""
-    from worker.celery_app import celery_config
-
     app = Celery("runcomfy_producer", set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
@@ -174,12 +129,17 @@ class Client:
                 raise ConfigError(f"invalid configuration: REDIS_URL: {reason}") from None
             settings = settings.model_copy(update={"redis": redis_settings})
         self.settings = settings
-        self._runtime = _ProducerRuntime(settings)
+        self._runtime = Runtime(settings)
         # Built now, not lazily by the first of several threads (no connection is opened).
         self._runtime.store  # noqa: B018
         self._runtime.guard  # noqa: B018
         self._app = _producer_app(settings)
         self._producer = Producer(self._runtime, self._app)
+        self._handoff = Handoff(
+            self._runtime.store,
+            make_publisher(self._app),
+            max_countdown_s=settings.max_countdown_s,
+        )
 
     @classmethod
     def from_env(cls) -> Client:
@@ -333,11 +293,11 @@ class Client:
             if status.is_terminal:
                 return record
             if status == JobStatus.QUEUED:
-                try:
-                    with self._redis_errors():
-                        return self._pipeline().cancel(job_id).record
-                except (errors.NotCancellableError, TransitionRefusedError, _UpstreamCallRefused):
-                    continue  # a worker picked it up meanwhile: look again
+                with self._redis_errors():
+                    done = cancel_queued(self._handoff, job_id)
+                if done is not None:
+                    return done.record
+                continue  # a worker picked it up meanwhile: look again
             if status == JobStatus.IN_QUEUE:
                 outcome = self._cancel_in_upstream_queue(job_id, timeout)
                 if outcome is not None:
@@ -347,7 +307,7 @@ class Client:
                 raise TryAgainError(
                     f"job {job_id} is being submitted upstream right now; try again in a moment"
                 )
-            raise NotCancellableError(job_id, status)
+            raise NotCancellableError.for_job(job_id, status)
         raise TryAgainError(f"job {job_id} kept changing while cancelling; try again in a moment")
 
     def _cancel_in_upstream_queue(self, job_id: str, timeout: float) -> JobRecord | None:
@@ -364,7 +324,7 @@ class Client:
                     if record.status.is_terminal:
                         return record
                     if record.status in (JobStatus.IN_PROGRESS, JobStatus.ARCHIVING):
-                        raise NotCancellableError(job_id, record.status)
+                        raise NotCancellableError.for_job(job_id, record.status)
             except WaitTimeoutError as exc:
                 raise WaitTimeoutError(
                     f"cancel of job {job_id} requested, but it is still "
@@ -375,13 +335,6 @@ class Client:
         return record
 
     # ------------------------------------------------------------------ plumbing
-    def _pipeline(self) -> Pipeline:
-        """A Pipeline on this client's runtime that publishes through its Celery app."""
-        from worker.pipeline import Pipeline
-        from worker.tasks import make_publisher
-
-        return Pipeline(self._runtime, make_publisher(self._app))
-
     @contextmanager
     def _redis_errors(self) -> Iterator[None]:
         try:

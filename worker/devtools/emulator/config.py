@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from worker.emulator.faults import FaultRule, validate_rates
-from worker.emulator.png import MAX_CHUNK_LENGTH
+from worker.devtools.emulator.faults import FaultRule, validate_rates
+from worker.devtools.emulator.png import MAX_CHUNK_LENGTH
 from worker.settings import DEFAULT_MODEL_ID
 
 

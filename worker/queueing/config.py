@@ -1,8 +1,8 @@
-"""The Celery application: configuration, queues, routing, per-process runtime.
+"""The Celery configuration (queues, routing, transport options) and the app class that
+carries one Runtime per process.
 
-``celery -A worker.app worker`` and ``runcomfy-worker worker`` both use ``worker.app:app``.
-Clients are built when a worker process starts (``worker_process_init`` under prefork,
-``worker_init`` otherwise), never at import.
+Light on purpose: producers import it to publish, so it imports no task and no step; the
+app with tasks and signals is built by :func:`worker.queueing.run.create_app`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import os
 import threading
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
 from kombu import Exchange, Queue
 
 from api_contracts.messages import ALL_QUEUES, QUEUE_FOR_TASK
 from worker.runtime import Runtime
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.redis.url,
         # Plain redis:// gets the hardened transport; TLS/sentinel URLs keep kombu's own.
         "broker_transport": (
-            "worker.broker:Transport" if settings.redis.url.startswith("redis://") else None
+            "worker.queueing.transport:Transport"
+            if settings.redis.url.startswith("redis://")
+            else None
         ),
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
@@ -100,33 +102,3 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "worker_disable_rate_limits": True,
     }
-
-
-def create_app(settings: Settings | None = None) -> ServiceCelery:
-    """Build the app (tasks registered, signals connected). No connection is opened here."""
-    settings = settings or load_settings()
-    app = ServiceCelery(settings)
-    app.conf.update(celery_config(settings))
-    from worker.tasks import register_tasks
-
-    register_tasks(app)
-    _connect_signals(app)
-    return app
-
-
-def _connect_signals(app: ServiceCelery) -> None:
-    def on_process_init(**_: Any) -> None:
-        app.runtime.store  # noqa: B018 - build clients in the child, after the fork
-
-    def on_worker_init(sender: Any = None, **_: Any) -> None:
-        pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
-        if "prefork" not in str(pool):
-            app.runtime.store  # noqa: B018
-
-    def on_shutdown(**_: Any) -> None:
-        app.close_runtime()
-
-    signals.worker_process_init.connect(on_process_init, weak=False)
-    signals.worker_init.connect(on_worker_init, weak=False)
-    signals.worker_process_shutdown.connect(on_shutdown, weak=False)
-    signals.worker_shutdown.connect(on_shutdown, weak=False)

@@ -21,10 +21,10 @@ from urllib.parse import unquote
 from pydantic import TypeAdapter, ValidationError
 
 from api_contracts.inputs import GenerationInput
-from worker.emulator.config import EmulatorConfig
-from worker.emulator.faults import CallEndpoint, Fault, FaultPlan, FaultRule
-from worker.emulator.lifecycle import EmulatedRequest, Scheduler, State
-from worker.emulator.png import Blob, mp4_blob, png_blob
+from worker.devtools.emulator.config import EmulatorConfig
+from worker.devtools.emulator.faults import CallEndpoint, Fault, FaultPlan, FaultRule
+from worker.devtools.emulator.lifecycle import EmulatedRequest, Scheduler, State
+from worker.devtools.emulator.png import Blob, mp4_blob, png_blob
 
 JSON_TYPE: Final = "application/json"
 MAX_BODY_BYTES: Final = 1 << 20
@@ -489,24 +489,11 @@ class Emulator:
             if (method, name) == ("GET", "faults"):
                 return json_reply(200, self.faults_snapshot())
             if (method, name) == ("POST", "faults"):
-                if isinstance(data, list):
-                    data = {"rules": data}
-                if not isinstance(data, dict) or set(data) - {"rules", "rates", "seed"}:
-                    return error_reply(
-                        422, "validation_error", 'expected {"rules": [...], "rates": {}, "seed": n}'
-                    )
-                self.set_faults(
-                    _RULES.validate_python(data.get("rules", [])),
-                    data.get("rates"),
-                    data.get("seed"),
-                )
-                return json_reply(200, self.faults_snapshot())
+                return self._post_faults(data)
             if (method, name) == ("GET", "config"):
                 return json_reply(200, self._config.public_dump())
             if (method, name) == ("POST", "config"):
-                if not isinstance(data, dict):
-                    return error_reply(422, "validation_error", "expected a JSON object")
-                return json_reply(200, self.update_config(**data).public_dump())
+                return self._post_config(data)
             if (method, name) == ("GET", "requests"):
                 return json_reply(200, self.requests_snapshot())
         except ValidationError as exc:
@@ -516,6 +503,23 @@ class Emulator:
         except ValueError as exc:
             return error_reply(422, "validation_error", str(exc))
         return error_reply(404, "not_found", f"no such admin endpoint: {method} {path}")
+
+    def _post_faults(self, data: Any) -> Reply:
+        if isinstance(data, list):
+            data = {"rules": data}
+        if not isinstance(data, dict) or set(data) - {"rules", "rates", "seed"}:
+            return error_reply(
+                422, "validation_error", 'expected {"rules": [...], "rates": {}, "seed": n}'
+            )
+        self.set_faults(
+            _RULES.validate_python(data.get("rules", [])), data.get("rates"), data.get("seed")
+        )
+        return json_reply(200, self.faults_snapshot())
+
+    def _post_config(self, data: Any) -> Reply:
+        if not isinstance(data, dict):
+            return error_reply(422, "validation_error", "expected a JSON object")
+        return json_reply(200, self.update_config(**data).public_dump())
 
 
 def blob_size(reply: Reply) -> int:

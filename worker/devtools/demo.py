@@ -9,11 +9,11 @@ It starts what the environment does not name, each piece on 127.0.0.1:
 * always a webhook receiver that verifies every delivery's signature, and one worker
   subprocess (``ALLOW_PRIVATE_NETWORKS=true``, since everything lives on loopback).
 
-Then it submits a handful of jobs through :class:`worker.client.Client`, shows their progress
-(one line per job), checks every archived output (S3 bytes and SHA-256 against the record)
-and every webhook (verified with the ``standardwebhooks`` package), copies the images into
-``./demo-output/``, prints figures, and stops everything it started — also on Ctrl-C or
-SIGTERM. The exit status is 0 only if every check passed.
+Then it submits a handful of jobs through :class:`worker.producer.client.Client`, shows
+their progress (one line per job), checks every archived output (S3 bytes and SHA-256
+against the record) and every webhook (verified with the ``standardwebhooks`` package),
+copies the images into ``./demo-output/``, prints figures, and stops everything it
+started — also on Ctrl-C or SIGTERM. The exit status is 0 only if every check passed.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from worker.errors import ServiceError
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from worker.client import Client
-    from worker.embedded import WorkerProcess
-    from worker.emulator import EmulatorServer
-    from worker.receiver import WebhookReceiver
+    from worker.devtools.embedded import WorkerProcess
+    from worker.devtools.emulator import EmulatorServer
+    from worker.devtools.receiver import WebhookReceiver
+    from worker.producer.client import Client
 
 DEMO_BUCKET: Final = "runcomfy-demo"
 DEMO_PREFIX: Final = "demo/"
@@ -211,10 +211,11 @@ def _close_quietly(stack: ExitStack) -> None:
 # ====================================================================== start-up
 def _start(env: dict[str, str], stack: ExitStack, out: _Out) -> _Services:
     """Start the missing services and one worker; returns what the jobs need."""
-    from worker.client import Client
-    from worker.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
-    from worker.receiver import WebhookReceiver
-    from worker.settings import ConfigError, load_settings
+    from worker.devtools.embedded import WorkerProcess
+    from worker.devtools.receiver import WebhookReceiver
+    from worker.errors import ConfigError
+    from worker.producer.client import Client
+    from worker.settings import load_settings
 
     embedded: list[str] = []
     worker_env = dict(env)
@@ -229,34 +230,8 @@ def _start(env: dict[str, str], stack: ExitStack, out: _Out) -> _Services:
     )
     worker_env.setdefault("WEBHOOK_RETRY_SCHEDULE", "0.5,1,2,4")
 
-    # ---------------------------------------------------------------- Redis
-    redis_url = env.get("REDIS_URL", "")
-    if redis_url:
-        _check_redis(redis_url)
-        out.say(f"redis      {_safe(redis_url)} (REDIS_URL)")
-    else:
-        server = EmbeddedRedis().start()
-        stack.callback(server.close)
-        redis_url = server.url
-        worker_env["REDIS_URL"] = redis_url
-        embedded.append("redis")
-        out.say(f"redis      embedded redis-server at {redis_url}")
-
-    # ---------------------------------------------------------------- S3
-    if env.get("S3_ENDPOINT_URL") or env.get("S3_BUCKET"):
-        bucket = env.get("S3_BUCKET") or "runcomfy-outputs"
-        s3_endpoint = env.get("S3_ENDPOINT_URL") or "AWS"
-        out.say(f"s3         bucket {bucket} at {s3_endpoint} (S3_* settings)")
-        s3_client: S3Client | None = None
-    else:
-        s3 = EmbeddedS3().start()
-        stack.callback(s3.close)
-        s3.create_bucket(DEMO_BUCKET)
-        worker_env.update(s3.credentials_env())
-        worker_env.update({"S3_BUCKET": DEMO_BUCKET, "S3_PREFIX": DEMO_PREFIX})
-        s3_client = _embedded_s3_client(s3)
-        embedded.append("s3")
-        out.say(f"s3         embedded S3 (moto) at {s3.endpoint_url}, bucket {DEMO_BUCKET}")
+    redis_url = _start_redis(env, worker_env, stack, out, embedded)
+    s3_client = _start_s3(env, worker_env, stack, out, embedded)
 
     # ---------------------------------------------------------------- RunComfy
     emulator = None
@@ -281,7 +256,7 @@ def _start(env: dict[str, str], stack: ExitStack, out: _Out) -> _Services:
     stack.callback(receiver.close)
     out.say(f"webhooks   receiver verifying signatures at {receiver.url}")
     if s3_client is None:
-        from worker.archive import make_s3_client
+        from worker.services.s3 import make_s3_client
 
         s3_client = make_s3_client(settings.s3)
 
@@ -311,6 +286,55 @@ def _start(env: dict[str, str], stack: ExitStack, out: _Out) -> _Services:
     )
 
 
+def _start_redis(
+    env: dict[str, str],
+    worker_env: dict[str, str],
+    stack: ExitStack,
+    out: _Out,
+    embedded: list[str],
+) -> str:
+    """REDIS_URL when set (checked now), else an embedded redis-server; its URL."""
+    from worker.devtools.embedded import EmbeddedRedis
+
+    redis_url = env.get("REDIS_URL", "")
+    if redis_url:
+        _check_redis(redis_url)
+        out.say(f"redis      {_safe(redis_url)} (REDIS_URL)")
+        return redis_url
+    server = EmbeddedRedis().start()
+    stack.callback(server.close)
+    worker_env["REDIS_URL"] = server.url
+    embedded.append("redis")
+    out.say(f"redis      embedded redis-server at {server.url}")
+    return server.url
+
+
+def _start_s3(
+    env: dict[str, str],
+    worker_env: dict[str, str],
+    stack: ExitStack,
+    out: _Out,
+    embedded: list[str],
+) -> S3Client | None:
+    """The operator's S3 when S3_* is set (None: a client is made from settings later), else
+    an embedded moto server with a fresh bucket and a client for it."""
+    from worker.devtools.embedded import EmbeddedS3
+
+    if env.get("S3_ENDPOINT_URL") or env.get("S3_BUCKET"):
+        bucket = env.get("S3_BUCKET") or "runcomfy-outputs"
+        s3_endpoint = env.get("S3_ENDPOINT_URL") or "AWS"
+        out.say(f"s3         bucket {bucket} at {s3_endpoint} (S3_* settings)")
+        return None
+    s3 = EmbeddedS3().start()
+    stack.callback(s3.close)
+    s3.create_bucket(DEMO_BUCKET)
+    worker_env.update(s3.credentials_env())
+    worker_env.update({"S3_BUCKET": DEMO_BUCKET, "S3_PREFIX": DEMO_PREFIX})
+    embedded.append("s3")
+    out.say(f"s3         embedded S3 (moto) at {s3.endpoint_url}, bucket {DEMO_BUCKET}")
+    return _embedded_s3_client(s3)
+
+
 def _check_redis(url: str) -> None:
     """Fail fast (not after the worker's start-up timeout) when REDIS_URL is unreachable."""
     import redis
@@ -325,7 +349,7 @@ def _check_redis(url: str) -> None:
 
 
 def _start_emulator(stack: ExitStack, worker_env: dict[str, str]) -> EmulatorServer:
-    from worker.emulator import EmulatorConfig, EmulatorServer
+    from worker.devtools.emulator import EmulatorConfig, EmulatorServer
 
     token = "demo-" + secrets.token_hex(8)
     config = EmulatorConfig(token=token, queue_s=0.5, run_s=2.0, capacity=4, seed=0)
@@ -361,7 +385,7 @@ def _first_secret(env: Mapping[str, str]) -> str | None:
 
 
 def _safe(url: str) -> str:
-    from worker.client import _safe_url
+    from worker.producer.client import _safe_url
 
     return _safe_url(url)
 

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from worker.emulator.faults import RequestFault
+from worker.devtools.emulator.faults import RequestFault
 
 State = Literal["in_queue", "in_progress", "completed", "cancelled", "failed"]
 FINAL_STATES: frozenset[State] = frozenset({"completed", "cancelled", "failed"})

@@ -1,22 +1,7 @@
 """The RunComfy Model API client (submit, status, result, cancel); upstream errors classified here.
 
-What a call can raise (all under :class:`~worker.errors.UpstreamError`)::
-
-    UpstreamError
-    ├── RetryableUpstreamError      try again later
-    │     408, 429, 5xx             status_code, retry_after_s from Retry-After (seconds or date)
-    │     timeouts                  httpx.TimeoutException (connect, read, write, pool)
-    │     connection errors         httpx.TransportError: refused, reset (ReadError),
-    │                               RemoteProtocolError (peer closed mid-answer)
-    ├── PermanentUpstreamError      the same call fails the same way again
-    │   │ 400, 401, 403, 404, 422   status_code; message = upstream's error.message / message /
-    │   │ and every other 4xx       detail / text, at most ~500 characters
-    │   └── NotCancellableError     cancel refused: 409, or a 400 saying the request is
-    │                               already in progress / no longer queued
-    └── UpstreamProtocolError       a 2xx that is not the documented answer: malformed JSON,
-                                    a non-object body, a missing request_id, an unknown status
-                                    (pydantic ValidationError); a redirect (never followed) or
-                                    1xx; an undecodable Content-Encoding
+Every call raises only :class:`~worker.errors.UpstreamError` and its subclasses, classified
+here from the HTTP status, the transport error or the body, as drawn in :mod:`worker.errors`.
 
 The API token is revealed only by :class:`_BearerAuth` (on each outgoing request) and by the
 redaction of upstream messages that echo it. It is never logged, never part of a repr and never

@@ -1,5 +1,5 @@
 """The producer side, minimal: validate a request, create the job record, enqueue submit;
-read records back. The Python client and the CLI (worker.client, worker.cli) build on this.
+read records back. The Python client and the CLI (worker.producer.client, worker.cli) build on this.
 
 The submit message is small JSON: ``runcomfy.submit(job_id, request)`` on queue
 ``runcomfy.submit`` (see api_contracts.messages); nothing secret travels in it.
@@ -17,31 +17,9 @@ from pydantic import ValidationError
 
 from api_contracts.jobs import JobRecord, JobRequest, JobStatus
 from api_contracts.messages import TASK_SUBMIT
-from worker.errors import ServiceError, TargetForbiddenError
-from worker.messaging import send_message
+from worker.errors import InvalidRequestError, TargetForbiddenError
+from worker.queueing.publish import send_message
 from worker.runtime import Runtime
-
-
-class InvalidRequestError(ServiceError, ValueError):
-    """The request does not validate; ``errors`` lists ``(field, reason)`` pairs."""
-
-    def __init__(self, errors: list[tuple[str, str]]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{field}: {reason}" for field, reason in errors))
-
-    @classmethod
-    def from_validation(cls, exc: ValidationError) -> InvalidRequestError:
-        """Build from pydantic's error list, naming each field with its dotted path."""
-        return cls(
-            [
-                (".".join(str(p) for p in e["loc"]) or "request", _reason(e["msg"]))
-                for e in exc.errors()
-            ]
-        )
-
-
-def _reason(msg: str) -> str:
-    return msg.removeprefix("Value error, ")
 
 
 def new_job_id() -> str:

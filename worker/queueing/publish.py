@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 
 from api_contracts.messages import QUEUE_FOR_TASK
+from worker.jobs.handoff import Publisher
 
 
 def send_message(
@@ -37,3 +38,12 @@ def send_message(
         kwargsrepr=repr(sorted(kwargs or {})),
         producer=producer,
     )
+
+
+def make_publisher(app: Celery) -> Publisher:
+    """A :class:`~worker.jobs.handoff.Publisher` that sends through ``app``."""
+
+    def publish(task: str, args: list[Any], kwargs: dict[str, Any], countdown: float) -> None:
+        send_message(app, task, args, kwargs, countdown=countdown)
+
+    return publish

@@ -21,7 +21,7 @@ import io
 import logging
 import posixpath
 import re
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 from urllib.parse import quote, urlsplit
 
 import boto3
@@ -40,6 +40,15 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+    from typing_extensions import TypedDict
+
+    # Closed (no other keys) so that strict mypy lets it be spread into a CompletedPartTypeDef.
+    class _ChecksumArgs(TypedDict, total=False, closed=True):
+        ChecksumSHA256: str
+
+    class _ChecksumAlgorithmArgs(TypedDict, total=False):
+        ChecksumAlgorithm: Literal["SHA256"]
+
 
 __all__ = [
     "MAX_IMAGE_BYTES",
@@ -387,27 +396,17 @@ class Archiver:
         digest: bytes,
     ) -> None:
         """Upload a body of at most one part with a single PutObject."""
-        checksum = base64.b64encode(digest).decode()
         for with_checksum in (True, False) if self._checksums else (False,):
             try:
                 with _body(body) as reader:
-                    if with_checksum:
-                        self._s3.put_object(
-                            Bucket=self._bucket,
-                            Key=key,
-                            Body=reader,
-                            ContentType=content_type,
-                            Metadata=metadata,
-                            ChecksumSHA256=checksum,
-                        )
-                    else:
-                        self._s3.put_object(
-                            Bucket=self._bucket,
-                            Key=key,
-                            Body=reader,
-                            ContentType=content_type,
-                            Metadata=metadata,
-                        )
+                    self._s3.put_object(
+                        Bucket=self._bucket,
+                        Key=key,
+                        Body=reader,
+                        ContentType=content_type,
+                        Metadata=metadata,
+                        **_checksum_args(digest if with_checksum else None),
+                    )
                 return
             except ClientError as exc:
                 if with_checksum and _error_code(exc) in _CHECKSUM_REFUSED:
@@ -422,18 +421,13 @@ class Archiver:
     ) -> _MultipartUpload:
         for with_checksum in (True, False) if self._checksums else (False,):
             try:
-                if with_checksum:
-                    created = self._s3.create_multipart_upload(
-                        Bucket=self._bucket,
-                        Key=key,
-                        ContentType=content_type,
-                        Metadata=metadata,
-                        ChecksumAlgorithm="SHA256",
-                    )
-                else:
-                    created = self._s3.create_multipart_upload(
-                        Bucket=self._bucket, Key=key, ContentType=content_type, Metadata=metadata
-                    )
+                created = self._s3.create_multipart_upload(
+                    Bucket=self._bucket,
+                    Key=key,
+                    ContentType=content_type,
+                    Metadata=metadata,
+                    **_checksum_algorithm_args(with_checksum),
+                )
             except ClientError as exc:
                 if with_checksum and _error_code(exc) in _CHECKSUM_REFUSED:
                     self._checksums_refused(exc)
@@ -510,32 +504,21 @@ class _MultipartUpload:
         number = len(self._parts) + 1
         try:
             with _body(body) as reader:
-                if self._checksums:
-                    checksum = base64.b64encode(hashlib.sha256(body).digest()).decode()
-                    answer = self._s3.upload_part(
-                        Bucket=self._bucket,
-                        Key=self._key,
-                        UploadId=self._upload_id,
-                        PartNumber=number,
-                        Body=reader,
-                        ChecksumSHA256=checksum,
-                    )
-                    self._parts.append(
-                        {
-                            "PartNumber": number,
-                            "ETag": answer.get("ETag", ""),
-                            "ChecksumSHA256": checksum,
-                        }
-                    )
-                else:
-                    answer = self._s3.upload_part(
-                        Bucket=self._bucket,
-                        Key=self._key,
-                        UploadId=self._upload_id,
-                        PartNumber=number,
-                        Body=reader,
-                    )
-                    self._parts.append({"PartNumber": number, "ETag": answer.get("ETag", "")})
+                checksum = _checksum_args(
+                    hashlib.sha256(body).digest() if self._checksums else None
+                )
+                answer = self._s3.upload_part(
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    PartNumber=number,
+                    Body=reader,
+                    **checksum,
+                )
+                # CompleteMultipartUpload needs each part's checksum again, when parts had one.
+                self._parts.append(
+                    {"PartNumber": number, "ETag": answer.get("ETag", ""), **checksum}
+                )
         except (BotoCoreError, ClientError) as exc:
             raise _storage_error("UploadPart", self._bucket, self._key, exc) from exc
 
@@ -645,6 +628,17 @@ def _download_error(exc: httpx.HTTPError | httpx.InvalidURL, shown_url: str) -> 
     return DownloadError(
         f"fetching {shown_url} failed: {type(exc).__name__}: {exc}", retryable=True
     )
+
+
+def _checksum_args(digest: bytes | None) -> _ChecksumArgs:
+    """PutObject/UploadPart arguments (and a completed part's) that have S3 verify a body
+    against its SHA-256 ``digest``; none for None, uploading without checksums."""
+    return {} if digest is None else {"ChecksumSHA256": base64.b64encode(digest).decode()}
+
+
+def _checksum_algorithm_args(with_checksum: bool) -> _ChecksumAlgorithmArgs:
+    """CreateMultipartUpload's argument announcing the parts' SHA-256 checksums, if any."""
+    return {"ChecksumAlgorithm": "SHA256"} if with_checksum else {}
 
 
 def _storage_error(

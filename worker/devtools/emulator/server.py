@@ -5,8 +5,8 @@ ThreadingHTTPServer (keep-alive, TCP_NODELAY) used ~180 µs of CPU per status ca
 its header parser and GIL hand-offs between connection threads; this server uses ~60 µs,
 leaving the CPU to the clients. The HTTP subset is small on purpose: request line, headers,
 ``Content-Length`` or chunked bodies, ``Expect: 100-continue``, keep-alive and ``HEAD``.
-The behaviour lives in :class:`~worker.emulator.core.Emulator`; this module only moves bytes
-and acts out the delays, truncations and resets a reply asks for.
+The behaviour lives in :class:`~worker.devtools.emulator.core.Emulator`; this module only
+moves bytes and acts out the delays, truncations and resets a reply asks for.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import time
 from http import HTTPStatus
 from typing import Any, Final, Self
 
-from worker.embedded import ManagedService
-from worker.emulator.config import EmulatorConfig
-from worker.emulator.core import Emulator, Reply, blob_size, error_reply
-from worker.emulator.faults import FaultRule
-from worker.emulator.png import Blob
+from worker.devtools.embedded import ManagedService
+from worker.devtools.emulator.config import EmulatorConfig
+from worker.devtools.emulator.core import Emulator, Reply, blob_size, error_reply
+from worker.devtools.emulator.faults import FaultRule
+from worker.devtools.emulator.png import Blob
 
-logger = logging.getLogger("worker.emulator")
+logger = logging.getLogger("worker.devtools.emulator")
 
 MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_REQUEST_BODY: Final = 16 << 20

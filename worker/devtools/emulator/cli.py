@@ -7,9 +7,9 @@ import logging
 import click
 from pydantic import ValidationError
 
-from worker.emulator.config import EmulatorConfig
-from worker.emulator.faults import FAULT_KINDS
-from worker.emulator.server import serve_forever
+from worker.devtools.emulator.config import EmulatorConfig
+from worker.devtools.emulator.faults import FAULT_KINDS
+from worker.devtools.emulator.server import serve_forever
 
 _DEFAULTS = EmulatorConfig()
 
@@ -135,5 +135,5 @@ def emulator_command(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     else:
-        logging.getLogger("worker.emulator").setLevel(log_level.upper())
+        logging.getLogger("worker.devtools.emulator").setLevel(log_level.upper())
     serve_forever(config, host, port)

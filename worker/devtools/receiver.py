@@ -6,7 +6,8 @@ answers 204 when verified, 400 when not. Tests can make it misbehave with
 :meth:`WebhookReceiver.set_status` (always answer e.g. 503) or
 :meth:`WebhookReceiver.fail_next` (answer e.g. 500 to the next n deliveries).
 
-``standardwebhooks`` is a dev dependency; it is imported when a receiver is built.
+``standardwebhooks`` comes with the ``receiver`` extra (``pip install
+'runcomfy-worker[receiver]'``), not with the service; it is imported when a receiver is built.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Final, Self
 
 import click
 
-from worker.embedded import ManagedService
+from worker.devtools.embedded import ManagedService
 
 MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 
@@ -64,9 +65,10 @@ class ReceivedWebhook:
 def _load_verifier(secret: str) -> Any:
     try:
         from standardwebhooks.webhooks import Webhook
-    except ImportError as exc:  # pragma: no cover - the dev extra is missing
+    except ImportError as exc:  # pragma: no cover - the receiver extra is missing
         raise RuntimeError(
-            "the webhook receiver needs the 'standardwebhooks' package (dev extra)"
+            "the webhook receiver needs the 'standardwebhooks' package: "
+            "pip install 'runcomfy-worker[receiver]'"
         ) from exc
     return Webhook(secret)
 

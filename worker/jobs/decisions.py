@@ -127,7 +127,7 @@ def decide_poll(
         if answer.status == "cancelled":
             return MarkCancelled("upstream cancelled the request")
         if answer.status == "failed":
-            return Fail(ErrorCode.GENERATION_FAILED, _upstream_error_text(answer.error))
+            return Fail(ErrorCode.GENERATION_FAILED, upstream_error_text(answer.error))
     if age_s >= deadline_s:
         message = f"not finished after {deadline_s:.0f}s (JOB_DEADLINE_S)"
         still_queued = (
@@ -214,7 +214,8 @@ def decide_archive_error(
     return Reschedule(retry_delay(error, attempt, jitter), "archive_retry")
 
 
-def _upstream_error_text(error: object) -> str:
+def upstream_error_text(error: object) -> str:
+    """Why a job fails when upstream reports its generation failed (from its error object)."""
     if isinstance(error, dict):
         message = error.get("message") or error.get("detail") or error
         return f"upstream generation failed: {message}"

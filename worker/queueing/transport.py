@@ -15,14 +15,14 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
+from worker import metrics
+
 log = logging.getLogger(__name__)
 
 _BAD_ENVELOPE = (ValueError, KeyError, TypeError, AttributeError)
 
 
 def _dropped(exc: BaseException) -> None:
-    from worker import metrics
-
     metrics.MALFORMED_MESSAGES.labels("envelope").inc()
     log.error("dropped a broker message that is not a valid Celery envelope: %r", exc)
 
@@ -46,6 +46,6 @@ class Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """Use as ``broker_transport = "worker.broker:Transport"``."""
+    """Use as ``broker_transport = "worker.queueing.transport:Transport"``."""
 
     Channel = Channel

@@ -1,14 +1,27 @@
-"""Starting a worker: settings → logging → metrics/heartbeat → ``celery worker``."""
+"""Building and starting a worker: settings → logging → app with tasks → metrics/heartbeat
+→ ``celery worker``.
+
+``celery -A worker.app worker`` and ``runcomfy-worker worker`` both come through
+:func:`worker_app`. Clients are built when a worker process starts (``worker_process_init``
+under prefork, ``worker_init`` otherwise), never at import.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+from typing import Any
+
+import click
+from celery import signals
 
 from api_contracts.messages import ALL_QUEUES
-from worker.settings import ConfigError, Settings, load_settings
-
-if TYPE_CHECKING:
-    from worker.celery_app import ServiceCelery
+from worker.errors import ConfigError
+from worker.health import install_heartbeat
+from worker.logs import configure_logging
+from worker.metrics import start_metrics_server
+from worker.queueing.config import ServiceCelery, celery_config
+from worker.queueing.tasks import register_tasks
+from worker.settings import Settings, load_settings
 
 DEFAULT_POOL = "threads"
 DEFAULT_CONCURRENCY = "8"
@@ -33,8 +46,6 @@ def worker_argv(extra: list[str]) -> list[str]:
 
 def secret_values(settings: Settings) -> list[str]:
     """Every secret the process knows, for the log redaction filter (defence in depth)."""
-    import os
-
     values = []
     if settings.runcomfy.api_token is not None:
         values.append(settings.runcomfy.api_token.get_secret_value())
@@ -45,15 +56,38 @@ def secret_values(settings: Settings) -> list[str]:
     return [v for v in values if len(v) >= 6]
 
 
+def create_app(settings: Settings | None = None) -> ServiceCelery:
+    """Build the app (tasks registered, signals connected). No connection is opened here."""
+    settings = settings or load_settings()
+    app = ServiceCelery(settings)
+    app.conf.update(celery_config(settings))
+    register_tasks(app)
+    _connect_runtime_signals(app)
+    return app
+
+
+def _connect_runtime_signals(app: ServiceCelery) -> None:
+    def on_process_init(**_: Any) -> None:
+        app.runtime.store  # noqa: B018 - build clients in the child, after the fork
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
+        if "prefork" not in str(pool):
+            app.runtime.store  # noqa: B018
+
+    def on_shutdown(**_: Any) -> None:
+        app.close_runtime()
+
+    signals.worker_process_init.connect(on_process_init, weak=False)
+    signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_process_shutdown.connect(on_shutdown, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+
+
 def worker_app(settings: Settings) -> ServiceCelery:
     """The app a worker runs, however it is started (``runcomfy-worker worker`` or
     ``celery -A worker.app worker``): our JSON logging with secret redaction, the liveness
     heartbeat, and the metrics endpoint once the worker starts."""
-    from celery import signals
-
-    from worker.celery_app import create_app
-    from worker.health import install_heartbeat
-    from worker.logs import configure_logging
 
     def setup_logging(**_: Any) -> None:
         # Connecting here also tells Celery not to replace this configuration with its own.
@@ -64,8 +98,6 @@ def worker_app(settings: Settings) -> ServiceCelery:
         )
 
     def start_metrics(**_: Any) -> None:
-        from worker.metrics import start_metrics_server
-
         start_metrics_server(settings.worker.metrics_port, app.runtime.redis)
 
     setup_logging()
@@ -80,8 +112,6 @@ def worker_app(settings: Settings) -> ServiceCelery:
 
 def run_worker(extra: list[str]) -> int:
     """Run ``celery worker`` in this process; returns its exit code."""
-    import click
-
     try:
         settings = load_settings()
     except ConfigError as exc:

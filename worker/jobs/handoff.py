@@ -1,0 +1,211 @@
+"""The sequence/outbox protocol: how one step hands a job to the next, at least once.
+
+Every message the worker sends itself carries the job's hand-off number ``seq``:
+
+* a hand-off is a compare-and-set that bumps ``seq`` and records the promised message in
+  ``outbox`` *before* publishing it; a message whose ``seq`` is not the stored one is stale
+  and returns at once, so duplicates never fork a chain;
+* if a worker dies between that write and the publish, its own message is redelivered
+  (acks_late) with the previous seq, finds the outbox overdue, and republishes it
+  (:meth:`Handoff.is_current`);
+* a wait longer than the broker allows hops: the message carries ``not_before`` and is
+  re-sent until then (:meth:`Handoff.send`, :meth:`Handoff.defer_if_early`).
+
+Steps (``worker.jobs.steps``) use only this module to move a job on; producers use it to
+finish a cancelled job (``worker.jobs.cancel``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from api_contracts.errors import ErrorCode
+from api_contracts.jobs import JobError, JobStatus
+from api_contracts.messages import TASK_NOTIFY, TASK_SUBMIT, StepMessage, SubmitMessage
+from worker import metrics
+from worker.errors import TransitionRefusedError
+from worker.jobs.state import JobChange, Outbox, StoredJob
+from worker.jobs.store import JobStore
+from worker.logs import log_context
+
+log = logging.getLogger(__name__)
+
+#: How long past its due time a promised message may be missing before it is republished.
+OUTBOX_GRACE_S: Final = 30.0
+
+
+class Publisher(Protocol):
+    """Sends one task message: name, positional args, kwargs, countdown in seconds."""
+
+    def __call__(
+        self, task: str, args: list[Any], kwargs: dict[str, Any], countdown: float
+    ) -> None: ...
+
+
+class Outcome(enum.StrEnum):
+    """What a step did with its message (logs, task results, tests)."""
+
+    SUBMITTED = "submitted"
+    ALREADY_SUBMITTED = "already_submitted"
+    SUBMIT_IN_PROGRESS_ELSEWHERE = "submit_in_progress_elsewhere"
+    RESCHEDULED = "rescheduled"
+    COMPLETED = "completed"
+    NOT_POLLING = "not_polling"
+    NOT_ARCHIVING = "not_archiving"
+    SUCCEEDED = "succeeded"
+    NOTHING_TO_SEND = "nothing_to_send"
+    WEBHOOK_DELIVERED = "webhook_delivered"
+    WEBHOOK_FAILED = "webhook_failed"
+    CANCELLED = "cancelled"
+    ALREADY_FINAL = "already_final"
+    NOT_CANCELLABLE = "not_cancellable"
+    CANCEL_FAILED = "cancel_failed"
+    RETRY = "retry"
+    FAILED = "failed"
+    STALE = "stale"
+    LOST_RACE = "lost_race"
+    DEFERRED = "deferred"
+    MALFORMED = "malformed"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did, for logs and tests."""
+
+    outcome: Outcome
+    job_id: str | None = None
+
+
+class Handoff:
+    """The seq/outbox protocol over one store and one publisher."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        publish: Publisher,
+        *,
+        max_countdown_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.max_countdown_s = max_countdown_s
+        self.clock = clock
+
+    def handoff(
+        self, job: StoredJob, task: str, *, countdown: float, change: JobChange | None = None
+    ) -> StoredJob | None:
+        """CAS the job to seq+1 with ``task`` promised in the outbox, then publish it.
+        None: the job changed since it was read, nothing was sent."""
+        seq = job.seq + 1
+        countdown = max(0.0, countdown)
+        outbox = Outbox(task=task, seq=seq, due_at=self.clock() + countdown)
+        after = self.store.update(job, (change or JobChange()).but(seq=seq, outbox=outbox))
+        if after is None:
+            metrics.STALE_MESSAGES.labels(task).inc()
+            log.info("job changed under us; %s not sent", task)
+            return None
+        self.send(task, job.id, seq, countdown)
+        return after
+
+    def finish(
+        self,
+        job: StoredJob,
+        status: JobStatus,
+        error: JobError | None,
+        change: JobChange | None = None,
+    ) -> StoredJob | None:
+        """Move to a final state; hand off to notify when there is a webhook to send."""
+        final = (change or JobChange()).but(status=status, error=error)
+        if job.record.webhook is not None:
+            after = self.handoff(job, TASK_NOTIFY, countdown=0, change=final)
+        else:
+            after = self.store.update(job, final.but(seq=job.seq + 1, outbox=None))
+        if after is not None:
+            metrics.JOBS_FINISHED.labels(status.value).inc()
+            if error is not None:
+                metrics.JOB_ERRORS.labels(error.code).inc()
+            log.info("job %s%s", status.value, f" ({error.code}: {error.message})" if error else "")
+        return after
+
+    def send(self, task: str, job_id: str, seq: int, countdown: float) -> None:
+        """Publish, splitting waits longer than the broker allows into hops (``not_before``)."""
+        kwargs: dict[str, Any] = {}
+        if countdown > self.max_countdown_s:
+            kwargs["not_before"] = self.clock() + countdown
+            countdown = self.max_countdown_s
+        if task == TASK_SUBMIT:
+            request = self.store.load(job_id).record.request
+            assert request is not None  # only jobs with a parsed request are ever submitted
+            payload = request.model_dump(mode="json", by_alias=True)
+            self.publish(task, [job_id, payload], {"seq": seq, **kwargs}, countdown)
+        else:
+            self.publish(task, [job_id, seq], kwargs, countdown)
+
+    def is_current(self, job: StoredJob, seq: int, task: str) -> bool:
+        """Is this message the one the job expects? Otherwise it is stale: but if it is the
+        message just before a hand-off whose promised message never ran, republish that."""
+        if job.seq == seq:
+            return True
+        outbox = job.outbox
+        if outbox is not None and outbox.seq == job.seq and seq == job.seq - 1:
+            # The message just before a hand-off: a duplicate, or a redelivery after its
+            # worker died between the hand-off's write and its publish.
+            overdue_in = outbox.due_at + OUTBOX_GRACE_S - self.clock()
+            if overdue_in <= 0:
+                log.warning(
+                    "republishing %s seq %d: it was promised but never ran", outbox.task, outbox.seq
+                )
+                self.send(outbox.task, job.id, outbox.seq, 0.0)
+            else:
+                # Too early to tell: look again once the promised message is overdue.
+                self.send(task, job.id, seq, overdue_in + 1.0)
+            return False
+        metrics.STALE_MESSAGES.labels(task).inc()
+        log.info("stale %s message (seq %d, job at %d); ignored", task, seq, job.seq)
+        return False
+
+    def defer_if_early(self, task: str, msg: StepMessage | SubmitMessage) -> bool:
+        """A hop not yet due (``not_before`` in the future) is sent on again; True if so."""
+        if msg.not_before is None:
+            return False
+        remaining = msg.not_before - self.clock()
+        if remaining <= 0.5:
+            return False
+        self.send(task, msg.job_id, msg.seq, remaining)
+        return True
+
+    def open(self, task: str, msg: StepMessage) -> StoredJob | StepResult:
+        """The job a poll/archive/notify message names, if the message is due and current."""
+        if self.defer_if_early(task, msg):
+            return StepResult(Outcome.DEFERRED, msg.job_id)
+        with log_context(job_id=msg.job_id, task=task):
+            job = self.store.get(msg.job_id)
+            if job is None or not self.is_current(job, msg.seq, task):
+                return StepResult(Outcome.STALE, msg.job_id)
+        return job
+
+    def reject(self, job_id: str | None, task: str, code: ErrorCode, message: str) -> StepResult:
+        """A message we cannot act on: fail its job (if it names one) and keep going."""
+        metrics.MALFORMED_MESSAGES.labels(task).inc()
+        self.store.incr_stat("malformed_messages")
+        log.error("%s", message[:2000])
+        if job_id is None:
+            return StepResult(Outcome.MALFORMED)
+        error = JobError(code=code, message=message[:2000])
+        with log_context(job_id=job_id, task=task):
+            job, created = self.store.create_if_absent(
+                job_id, None, status=JobStatus.FAILED, error=error
+            )
+            if created:
+                metrics.JOBS_FINISHED.labels("failed").inc()
+            elif not job.status.is_terminal:
+                with contextlib.suppress(TransitionRefusedError):
+                    self.finish(job, JobStatus.FAILED, error)
+        return StepResult(Outcome.MALFORMED, job_id)

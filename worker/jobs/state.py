@@ -1,0 +1,242 @@
+"""A job as the store holds it, and the one typed way to change it.
+
+Pure values and functions, shared by every :class:`~worker.jobs.store.JobStore`: the Redis
+store and the in-memory one differ only in where the bytes live, never in what a change
+means. A :class:`JobChange` names each field it sets; everything else is :data:`UNCHANGED`
+(one marker for "keep", so ``None`` can mean "clear"). :func:`apply_change` turns a job as
+read plus a change into the job as it will be written, or raises
+:class:`~worker.errors.TransitionRefusedError` when the status change is not allowed.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar, Union
+
+from api_contracts.jobs import (
+    ArchivedOutput,
+    JobError,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    WebhookInfo,
+)
+from worker.errors import TransitionRefusedError
+
+S = JobStatus
+_ALLOWED: Final[dict[JobStatus, frozenset[JobStatus]]] = {
+    S.QUEUED: frozenset({S.QUEUED, S.SUBMITTING, S.FAILED, S.CANCELLED}),
+    S.SUBMITTING: frozenset({S.SUBMITTING, S.IN_QUEUE, S.IN_PROGRESS, S.FAILED, S.CANCELLED}),
+    S.IN_QUEUE: frozenset({S.IN_QUEUE, S.IN_PROGRESS, S.ARCHIVING, S.FAILED, S.CANCELLED}),
+    S.IN_PROGRESS: frozenset({S.IN_PROGRESS, S.ARCHIVING, S.FAILED, S.CANCELLED}),
+    S.ARCHIVING: frozenset({S.ARCHIVING, S.SUCCEEDED, S.FAILED}),
+    # Final states only take updates that keep the status (webhook deliveries, notes).
+    S.SUCCEEDED: frozenset({S.SUCCEEDED}),
+    S.FAILED: frozenset({S.FAILED}),
+    S.CANCELLED: frozenset({S.CANCELLED}),
+}
+
+
+def transition_allowed(current: JobStatus, new: JobStatus) -> bool:
+    """May a job in ``current`` be written with status ``new``? (Never backwards.)"""
+    return new in _ALLOWED[current]
+
+
+def utcnow() -> datetime:
+    """Aware UTC now (one place, so tests can reason about it)."""
+    return datetime.now(UTC)
+
+
+def request_hash(request: JobRequest) -> str:
+    """SHA-256 of the canonical JSON of a request: equal requests, equal hashes."""
+    canonical = json.dumps(
+        request.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Unchanged(enum.Enum):
+    """The type of :data:`UNCHANGED`."""
+
+    UNCHANGED = "UNCHANGED"
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+#: "Keep the stored value" in a :class:`JobChange` (``None`` means "clear" where allowed).
+UNCHANGED: Final = Unchanged.UNCHANGED
+
+T = TypeVar("T")
+#: A field of a change: a new value, or UNCHANGED.
+Maybe = Union[T, Unchanged]  # noqa: UP007 - a generic alias; ``T | Unchanged`` is not one
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """A message a step promised to send: task name, the seq it carries, when it is due."""
+
+    task: str
+    seq: int
+    due_at: float
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Serialised form stored in the hash."""
+        return json.dumps(
+            {"task": self.task, "seq": self.seq, "due_at": self.due_at, "kwargs": self.kwargs}
+        )
+
+    @classmethod
+    def from_json(cls, raw: str) -> Outbox | None:
+        """Parse the stored form; empty means none."""
+        if not raw:
+            return None
+        data = json.loads(raw)
+        return cls(
+            task=str(data["task"]),
+            seq=int(data["seq"]),
+            due_at=float(data["due_at"]),
+            kwargs=dict(data.get("kwargs") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A submit talking to upstream: who holds the job, and until when (epoch seconds)."""
+
+    owner: str
+    until: float
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    """A job as read from the store, with the bookkeeping that is not part of the record."""
+
+    record: JobRecord
+    version: int
+    seq: int = 0
+    outbox: Outbox | None = None
+    lease: Lease | None = None
+    attempt: int = 0
+    since: float = 0.0
+    rhash: str = ""
+
+    @property
+    def id(self) -> str:
+        """The job id."""
+        return self.record.id
+
+    @property
+    def status(self) -> JobStatus:
+        """The job's status."""
+        return self.record.status
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobChange:
+    """One compare-and-set write. Each field is a new value or UNCHANGED.
+
+    ``seq``, ``outbox``, ``lease``, ``attempt`` and ``since`` are bookkeeping beside the
+    record; the rest are :class:`~api_contracts.jobs.JobRecord` fields.
+    """
+
+    status: Maybe[JobStatus] = UNCHANGED
+    seq: Maybe[int] = UNCHANGED
+    outbox: Maybe[Outbox | None] = UNCHANGED
+    lease: Maybe[Lease | None] = UNCHANGED
+    attempt: Maybe[int] = UNCHANGED
+    since: Maybe[float] = UNCHANGED
+    error: Maybe[JobError | None] = UNCHANGED
+    request_id: Maybe[str] = UNCHANGED
+    submitted_at: Maybe[datetime] = UNCHANGED
+    queue_position: Maybe[int | None] = UNCHANGED
+    status_calls: Maybe[int] = UNCHANGED
+    outputs: Maybe[Sequence[ArchivedOutput]] = UNCHANGED
+    webhook: Maybe[WebhookInfo] = UNCHANGED
+    notes: Maybe[Sequence[str]] = UNCHANGED
+
+    def but(self, **overrides: Any) -> JobChange:
+        """This change with some fields replaced (a typo is a TypeError, not a silent no-op)."""
+        return replace(self, **overrides)
+
+
+_RECORD_FIELDS: Final = (
+    "error",
+    "request_id",
+    "submitted_at",
+    "queue_position",
+    "status_calls",
+    "outputs",
+    "webhook",
+    "notes",
+)
+assert set(_RECORD_FIELDS) | {"status", "seq", "outbox", "lease", "attempt", "since"} == {
+    f.name for f in fields(JobChange)
+}
+
+
+def _pick(new: Maybe[T], old: T) -> T:
+    return old if isinstance(new, Unchanged) else new
+
+
+def apply_change(job: StoredJob, change: JobChange, *, now: datetime) -> StoredJob:
+    """The job as it will be stored after ``change`` (version + 1), or
+    TransitionRefusedError when the status change is not allowed from the job's status."""
+    new_status = _pick(change.status, job.status)
+    if not transition_allowed(job.status, new_status):
+        raise TransitionRefusedError(
+            f"job {job.id}: {job.status.value} -> {new_status.value} is not allowed"
+        )
+    updates: dict[str, Any] = {"status": new_status, "updated_at": now}
+    for name in _RECORD_FIELDS:
+        value = getattr(change, name)
+        if not isinstance(value, Unchanged):
+            updates[name] = list(value) if name in ("outputs", "notes") else value
+    if new_status.is_terminal and job.record.finished_at is None:
+        updates["finished_at"] = now
+    # model_copy does not validate: round-trip so a bad nested value fails here, not later.
+    record = JobRecord.model_validate(job.record.model_copy(update=updates).model_dump())
+    return StoredJob(
+        record=record,
+        version=job.version + 1,
+        seq=_pick(change.seq, job.seq),
+        outbox=_pick(change.outbox, job.outbox),
+        lease=_pick(change.lease, job.lease),
+        attempt=_pick(change.attempt, job.attempt),
+        since=_pick(change.since, job.since),
+        rhash=job.rhash,
+    )
+
+
+def new_job(
+    job_id: str,
+    request: JobRequest | None,
+    *,
+    status: JobStatus,
+    error: JobError | None,
+    now: datetime,
+) -> StoredJob:
+    """A job as it is born (version 1, seq 0): the one shape every store creates."""
+    record = JobRecord(
+        id=job_id,
+        status=status,
+        created_at=now,
+        updated_at=now,
+        finished_at=now if status.is_terminal else None,
+        request=request,
+        error=error,
+        webhook=WebhookInfo(id=f"msg_{job_id}")
+        if request is not None and request.webhook_url
+        else None,
+    )
+    return StoredJob(
+        record=record,
+        version=1,
+        rhash=request_hash(request) if request is not None else "",
+    )

@@ -1,0 +1,126 @@
+"""The steps of a job, one module each: submit → poll … → archive → notify, and cancel.
+
+A step takes a parsed message (``api_contracts.messages``) and a :class:`StepContext`, talks
+to the outside systems through the narrow protocols below, moves the job on with
+:mod:`worker.jobs.handoff`, and returns a :class:`~worker.jobs.handoff.StepResult`. Celery
+tasks (``worker.queueing.tasks``) only parse messages and call these; unit tests call them
+with :class:`~worker.jobs.memory.InMemoryJobStore`, a recording publisher and a fixed clock.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from api_contracts.inputs import GenerationInput
+from api_contracts.jobs import ArchivedOutput, OutputKind
+from api_contracts.upstream import CancelResponse, ResultResponse, StatusResponse, SubmitResponse
+from worker.errors import PermanentUpstreamError, RetryableUpstreamError, UpstreamProtocolError
+from worker.jobs.handoff import Handoff
+from worker.jobs.store import JobStore
+from worker.services.webhooks import DeliveryResult
+from worker.settings import Settings
+
+
+class Upstream(Protocol):
+    """The RunComfy calls the steps make (``worker.services.runcomfy.RunComfyClient``)."""
+
+    def submit(self, inp: GenerationInput) -> SubmitResponse:
+        """POST a generation; its request id."""
+        ...
+
+    def status(self, request_id: str) -> StatusResponse:
+        """The request's status."""
+        ...
+
+    def result(self, request_id: str) -> ResultResponse:
+        """The request's result (outputs once completed)."""
+        ...
+
+    def cancel(self, request_id: str) -> CancelResponse:
+        """Cancel a queued request."""
+        ...
+
+
+class OutputArchiver(Protocol):
+    """Copies one output into S3 (``worker.services.s3.Archiver``)."""
+
+    def archive_one(
+        self, *, job_id: str, request_id: str, index: int, kind: OutputKind, source_url: str
+    ) -> ArchivedOutput:
+        """Stream ``source_url`` into the job's deterministic key; the archived output."""
+        ...
+
+
+class WebhookDeliverer(Protocol):
+    """One signed delivery attempt (``worker.services.webhooks.WebhookSender``)."""
+
+    def deliver(self, url: str, msg_id: str, body: bytes, *, timestamp: int) -> DeliveryResult:
+        """POST ``body`` signed with ``msg_id`` and ``timestamp``; the classified outcome."""
+        ...
+
+
+class Services(Protocol):
+    """The outside systems, each built on first use (a worker with no webhook secret can
+    still run jobs without webhooks): :class:`worker.runtime.Runtime` in production."""
+
+    @property
+    def upstream(self) -> Upstream:
+        """RunComfy."""
+        ...
+
+    @property
+    def archiver(self) -> OutputArchiver:
+        """S3."""
+        ...
+
+    @property
+    def webhooks(self) -> WebhookDeliverer:
+        """Webhook deliveries."""
+        ...
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs: settings, the store, the hand-off protocol, outside systems,
+    and the clock and randomness (injected, so decisions are reproducible in tests)."""
+
+    settings: Settings
+    store: JobStore
+    handoff: Handoff
+    services: Services
+    clock: Callable[[], float] = time.time
+    rng: random.Random = field(default_factory=random.Random)
+
+    @property
+    def upstream(self) -> Upstream:
+        """RunComfy."""
+        return self.services.upstream
+
+    @property
+    def archiver(self) -> OutputArchiver:
+        """S3."""
+        return self.services.archiver
+
+    @property
+    def webhooks(self) -> WebhookDeliverer:
+        """Webhook deliveries."""
+        return self.services.webhooks
+
+    def age(self, created_at_ts: float) -> float:
+        """Seconds since ``created_at_ts`` by this context's clock."""
+        return self.clock() - created_at_ts
+
+
+def call_outcome(exc: BaseException) -> str:
+    """The ``outcome`` label of an upstream call that raised ``exc`` (metrics)."""
+    if isinstance(exc, RetryableUpstreamError):
+        return "retryable"
+    if isinstance(exc, PermanentUpstreamError):
+        return "permanent"
+    if isinstance(exc, UpstreamProtocolError):
+        return "protocol"
+    return "retryable" if getattr(exc, "retryable", False) else "permanent"

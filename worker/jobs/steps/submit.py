@@ -1,0 +1,130 @@
+"""``runcomfy.submit(job_id, request, seq=0)``: create the job if absent, POST it upstream
+once, then hand off to the first status check.
+
+Submit POSTs only from ``queued`` (or after a lease expired: the ambiguous window, counted
+and noted on the job); once ``request_id`` is stored it never POSTs again.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Final
+
+from api_contracts.jobs import JobError, JobStatus
+from api_contracts.messages import TASK_POLL, TASK_SUBMIT, SubmitMessage
+from worker import metrics
+from worker.errors import ServiceError
+from worker.jobs import decisions
+from worker.jobs.handoff import Outcome, StepResult
+from worker.jobs.state import JobChange, Lease, StoredJob
+from worker.jobs.steps import StepContext, call_outcome
+from worker.logs import log_context
+
+log = logging.getLogger(__name__)
+
+#: How long a submit holds its lease while talking to upstream (beyond the HTTP timeouts).
+LEASE_MARGIN_S: Final = 15.0
+
+
+def submit(ctx: StepContext, msg: SubmitMessage, *, owner: str) -> StepResult:
+    """Run one submit message; ``owner`` names this delivery (the lease holder)."""
+    if ctx.handoff.defer_if_early(TASK_SUBMIT, msg):
+        return StepResult(Outcome.DEFERRED, msg.job_id)
+    with log_context(job_id=msg.job_id, task=TASK_SUBMIT):
+        # Producers normally created the record already: read first, create only if absent.
+        job = ctx.store.get(msg.job_id)
+        if job is None:
+            job, created = ctx.store.create_if_absent(msg.job_id, msg.request)
+            if created:
+                log.info("job created by its submit message")
+        if not ctx.handoff.is_current(job, msg.seq, TASK_SUBMIT):
+            return StepResult(Outcome.STALE, msg.job_id)
+        if job.status.is_terminal or job.record.request_id:
+            return StepResult(Outcome.ALREADY_SUBMITTED, msg.job_id)
+        ambiguous = False
+        if job.status == JobStatus.SUBMITTING and job.lease is not None:
+            if job.lease.owner != owner and job.lease.until > ctx.clock():
+                return StepResult(Outcome.SUBMIT_IN_PROGRESS_ELSEWHERE, msg.job_id)
+            ambiguous = True
+        return _post(ctx, job, owner=owner, ambiguous=ambiguous)
+
+
+def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> StepResult:
+    rc = ctx.settings.runcomfy
+    now = ctx.clock()
+    lease = Lease(owner, now + rc.connect_timeout_s + rc.read_timeout_s + LEASE_MARGIN_S)
+    notes = list(job.record.notes)
+    if ambiguous:
+        # Killed between POST and recording its answer: upstream may hold a request we
+        # never saw. Submitting again may cost a second generation; not submitting may
+        # lose the job. We submit again (at-least-once) and say so on the job.
+        metrics.AMBIGUOUS_SUBMITS.inc()
+        ctx.store.incr_stat("ambiguous_submits")
+        stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
+        notes.append(
+            f"ambiguous_submit: a previous submit attempt may have reached upstream "
+            f"before the worker stopped ({stamp}); submitted again"
+        )
+        log.warning("ambiguous submit window: submitting again")
+    claimed = ctx.store.update(
+        job, JobChange(status=JobStatus.SUBMITTING, lease=lease, notes=notes)
+    )
+    if claimed is None:
+        return StepResult(Outcome.LOST_RACE, job.id)
+    request = claimed.record.request
+    assert request is not None  # a job with a parsed request is the only kind we submit
+    try:
+        answer = ctx.upstream.submit(request.input)
+    except ServiceError as exc:
+        metrics.UPSTREAM_CALLS.labels("submit", call_outcome(exc)).inc()
+        return _failed(ctx, claimed, exc)
+    metrics.UPSTREAM_CALLS.labels("submit", "ok").inc()
+    submitted_at = datetime.fromtimestamp(ctx.clock(), UTC)
+    metrics.STAGE_SECONDS.labels("queued").observe(
+        (submitted_at - claimed.record.created_at).total_seconds()
+    )
+    with log_context(request_id=answer.request_id):
+        after = ctx.handoff.handoff(
+            claimed,
+            TASK_POLL,
+            countdown=ctx.settings.poll.initial_delay_s,
+            change=JobChange(
+                status=JobStatus.IN_QUEUE,
+                request_id=answer.request_id,
+                submitted_at=submitted_at,
+                lease=None,
+                attempt=0,
+                since=0.0,
+            ),
+        )
+        log.info("submitted upstream")
+    return StepResult(Outcome.SUBMITTED if after else Outcome.LOST_RACE, job.id)
+
+
+def _failed(ctx: StepContext, job: StoredJob, exc: ServiceError) -> StepResult:
+    attempt = job.attempt + 1
+    decision = decisions.decide_submit_error(
+        exc,
+        attempt=attempt,
+        age_s=ctx.age(job.record.created_at.timestamp()),
+        deadline_s=ctx.settings.job.deadline_s,
+        jitter=ctx.rng.random(),
+    )
+    if isinstance(decision, decisions.Fail):
+        log.warning("submit failed: %s", decision.message)
+        ctx.handoff.finish(
+            job,
+            JobStatus.FAILED,
+            JobError(code=decision.code, message=decision.message),
+            JobChange(lease=None),
+        )
+        return StepResult(Outcome.FAILED, job.id)
+    log.info("submit will retry in %.1fs: %s", decision.countdown, exc)
+    ctx.handoff.handoff(
+        job,
+        TASK_SUBMIT,
+        countdown=decision.countdown,
+        change=JobChange(lease=None, attempt=attempt),
+    )
+    return StepResult(Outcome.RETRY, job.id)

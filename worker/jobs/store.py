@@ -1,0 +1,281 @@
+"""The job store: the single source of truth about every job.
+
+:class:`JobStore` is the interface the steps, the producer and the CLI use;
+:class:`RedisJobStore` keeps one Redis hash per job, and
+:class:`~worker.jobs.memory.InMemoryJobStore` is its twin for unit tests. Every write is a
+compare-and-set on the job's ``version`` (``scripts/update.lua``), so a stale or duplicated
+task can never move a job backwards or apply a step twice; what a change means is
+:func:`~worker.jobs.state.apply_change`, shared by both stores.
+
+Hash fields of ``rcw:job:<id>``:
+
+``record``   the JobRecord as JSON (what producers read)
+``status``   copy of record.status (cheap reads, Lua checks)
+``version``  incremented by every write
+``seq``      hand-off number: every message the worker sends to itself carries the seq it
+             expects; a message with another seq is stale and does nothing
+``outbox``   the next message a step promised to send (JSON); if the sender died between
+             the write and the publish, a redelivered message republishes it
+``lease_owner``, ``lease_until``  while a submit is talking to upstream (empty otherwise)
+``attempt``  retries of the current step; ``since`` when the current run of failures began
+``rhash``    SHA-256 of the canonical request (idempotency comparisons)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from importlib import resources
+from typing import Protocol
+
+import redis
+
+from api_contracts.jobs import JobError, JobRecord, JobRequest, JobStatus
+from worker.constants import (
+    EVENTS_CHANNEL_PREFIX,
+    IDEMPOTENCY_KEY_PREFIX,
+    INFLIGHT_KEY,
+    JOB_KEY_PREFIX,
+    STATS_KEY,
+)
+from worker.errors import IdempotencyConflictError, JobNotFoundError, TransitionRefusedError
+from worker.jobs.state import (
+    JobChange,
+    Lease,
+    Outbox,
+    StoredJob,
+    apply_change,
+    new_job,
+    request_hash,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+class JobStore(Protocol):
+    """Reads and compare-and-set writes of jobs. Implementations are thread-safe."""
+
+    def get(self, job_id: str) -> StoredJob | None:
+        """The job, or None when unknown or expired."""
+        ...
+
+    def load(self, job_id: str) -> StoredJob:
+        """The job; JobNotFoundError when unknown or expired."""
+        ...
+
+    def create_if_absent(
+        self,
+        job_id: str,
+        request: JobRequest | None,
+        *,
+        status: JobStatus = JobStatus.QUEUED,
+        error: JobError | None = None,
+        now: datetime | None = None,
+    ) -> tuple[StoredJob, bool]:
+        """The one way a job is born. Returns ``(job, created)``; an existing job is returned
+        unchanged (so a producer and a redelivered submit can both call it)."""
+        ...
+
+    def create_many(
+        self, jobs: Sequence[tuple[str, JobRequest]], *, now: datetime | None = None
+    ) -> list[StoredJob | None]:
+        """Create ``queued`` jobs at once; each entry is the new job, or None where that id
+        already existed (left unchanged)."""
+        ...
+
+    def update(
+        self, job: StoredJob, change: JobChange, *, now: datetime | None = None
+    ) -> StoredJob | None:
+        """Compare-and-set ``job`` (as read) to ``change`` applied. Returns the new job, or
+        None when the job changed since it was read (the caller's step is stale).
+        Raises TransitionRefusedError when the status change is not allowed."""
+        ...
+
+    def claim_idempotency_key(self, key: str, job_id: str, request: JobRequest) -> str:
+        """Bind ``key`` to ``job_id``. Returns the job id the key names: ours, or an earlier
+        job with the same request. A different request raises IdempotencyConflictError."""
+        ...
+
+    def incr_stat(self, name: str, amount: int = 1) -> None:
+        """Bump a service-wide counter (e.g. ambiguous_submits)."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Service-wide counters."""
+        ...
+
+    def in_flight(self) -> int:
+        """How many jobs are not final."""
+        ...
+
+
+def job_key(job_id: str) -> str:
+    """Redis key of a job's hash."""
+    return JOB_KEY_PREFIX + job_id
+
+
+def events_channel(job_id: str) -> str:
+    """Pub/sub channel announcing changes of one job."""
+    return EVENTS_CHANNEL_PREFIX + job_id
+
+
+def _script(name: str) -> str:
+    return resources.files("worker.jobs").joinpath("scripts", name).read_text(encoding="utf-8")
+
+
+class RedisJobStore:
+    """:class:`JobStore` on Redis: one hash per job, Lua compare-and-set writes."""
+
+    def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._update = client.register_script(_script("update.lua"))
+        self._create = client.register_script(_script("create.lua"))
+
+    # ---------------------------------------------------------------- reads
+    def get(self, job_id: str) -> StoredJob | None:
+        """The job, or None when unknown or expired."""
+        raw = self.redis.hgetall(job_key(job_id))
+        return decode_job({_text(k): _text(v) for k, v in raw.items()}) if raw else None
+
+    def load(self, job_id: str) -> StoredJob:
+        """The job; JobNotFoundError when unknown or expired."""
+        job = self.get(job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job {job_id!r} (never created, or expired)")
+        return job
+
+    # ---------------------------------------------------------------- writes
+    def create_if_absent(
+        self,
+        job_id: str,
+        request: JobRequest | None,
+        *,
+        status: JobStatus = JobStatus.QUEUED,
+        error: JobError | None = None,
+        now: datetime | None = None,
+    ) -> tuple[StoredJob, bool]:
+        """The one way a job is born (see :meth:`JobStore.create_if_absent`)."""
+        job = new_job(job_id, request, status=status, error=error, now=now or utcnow())
+        if self._create(keys=_keys(job_id), args=self._create_args(job)):
+            return job, True
+        return self.load(job_id), False
+
+    def create_many(
+        self, jobs: Sequence[tuple[str, JobRequest]], *, now: datetime | None = None
+    ) -> list[StoredJob | None]:
+        """Create ``queued`` jobs in one round trip (see :meth:`JobStore.create_many`)."""
+        now = now or utcnow()
+        born = [new_job(i, r, status=JobStatus.QUEUED, error=None, now=now) for i, r in jobs]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job in born:
+                self._create(keys=_keys(job.id), args=self._create_args(job), client=pipe)
+            created = pipe.execute()
+        return [job if ok else None for job, ok in zip(born, created, strict=True)]
+
+    def update(
+        self, job: StoredJob, change: JobChange, *, now: datetime | None = None
+    ) -> StoredJob | None:
+        """Compare-and-set ``job`` to ``change`` applied (see :meth:`JobStore.update`)."""
+        try:
+            after = apply_change(job, change, now=now or utcnow())
+        except TransitionRefusedError:
+            log.warning("refused transition for job %s: %s", job.id, change.status)
+            raise
+        final = after.status.is_terminal
+        ok = self._update(
+            keys=_keys(job.id),
+            args=[
+                str(job.version),
+                str(self.ttl_s) if final else "0",
+                "1" if final else "0",
+                job.id,
+                after.status.value,
+                *_flatten(encode_job(after)),
+            ],
+        )
+        return after if ok else None
+
+    def _create_args(self, job: StoredJob) -> list[str]:
+        final = job.status.is_terminal
+        return [
+            str(self.ttl_s) if final else "0",
+            "0" if final else "1",
+            str(job.record.created_at.timestamp()),
+            job.id,
+            job.status.value,
+            *_flatten(encode_job(job)),
+        ]
+
+    # ---------------------------------------------------------------- idempotency
+    def claim_idempotency_key(self, key: str, job_id: str, request: JobRequest) -> str:
+        """Bind ``key`` to ``job_id`` (SET NX; see :meth:`JobStore.claim_idempotency_key`)."""
+        idem_key = IDEMPOTENCY_KEY_PREFIX + key
+        if self.redis.set(idem_key, job_id, nx=True, ex=self.ttl_s):
+            return job_id
+        existing = self.redis.get(idem_key)
+        if existing is None:  # expired between the two calls: try once more
+            return self.claim_idempotency_key(key, job_id, request)
+        existing_id = _text(existing)
+        job = self.get(existing_id)
+        if job is not None and job.rhash and job.rhash != request_hash(request):
+            raise IdempotencyConflictError(key, existing_id)
+        return existing_id
+
+    # ---------------------------------------------------------------- figures
+    def incr_stat(self, name: str, amount: int = 1) -> None:
+        """Bump a service-wide counter (e.g. ambiguous_submits)."""
+        self.redis.hincrby(STATS_KEY, name, amount)
+
+    def stats(self) -> dict[str, int]:
+        """Service-wide counters."""
+        return {_text(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
+
+    def in_flight(self) -> int:
+        """How many jobs are not final."""
+        return int(self.redis.zcard(INFLIGHT_KEY))
+
+
+def encode_job(job: StoredJob) -> dict[str, str]:
+    """The hash fields of a job."""
+    return {
+        "record": job.record.model_dump_json(),
+        "status": job.status.value,
+        "version": str(job.version),
+        "seq": str(job.seq),
+        "outbox": job.outbox.to_json() if job.outbox else "",
+        "lease_owner": job.lease.owner if job.lease else "",
+        "lease_until": str(job.lease.until) if job.lease else "",
+        "attempt": str(job.attempt),
+        "since": str(job.since),
+        "rhash": job.rhash,
+    }
+
+
+def decode_job(f: Mapping[str, str]) -> StoredJob:
+    """A job from its hash fields."""
+    owner = f.get("lease_owner", "")
+    return StoredJob(
+        record=JobRecord.model_validate_json(f["record"]),
+        version=int(f["version"]),
+        seq=int(f.get("seq") or 0),
+        outbox=Outbox.from_json(f.get("outbox", "")),
+        lease=Lease(owner, float(f.get("lease_until") or 0)) if owner else None,
+        attempt=int(f.get("attempt") or 0),
+        since=float(f.get("since") or 0),
+        rhash=f.get("rhash", ""),
+    )
+
+
+def _keys(job_id: str) -> list[str]:
+    return [job_key(job_id), INFLIGHT_KEY, events_channel(job_id)]
+
+
+def _flatten(fields: Mapping[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast lint fmt demo bench bench-quick schema clean
+.PHONY: install test test-fast lint fmt demo bench bench-quick chaos chaos-quick schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: $(STAMP)  ## benchmarks, a few minutes; results in bench/results/
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+chaos: $(STAMP)  ## 1,000 jobs while workers die and services go down; figures + JSON, exit 1 on a missed target
+	$(BIN)/python -m bench.chaos
+
+chaos-quick: $(STAMP)  ## the CI form: 200 jobs, 30 s of faults
+	$(BIN)/python -m bench.chaos --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-output

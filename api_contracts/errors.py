@@ -22,3 +22,4 @@ class ErrorCode(StrEnum):
     OUTPUT_TOO_LARGE = "output_too_large"
     OUTPUT_FORBIDDEN = "output_forbidden"
     STORAGE_ERROR = "storage_error"
+    INTERNAL_ERROR = "internal_error"

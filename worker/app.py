@@ -1,11 +1,20 @@
 """The configured Celery app, read from the environment: ``celery -A worker.app worker``.
 
-Importing this module reads settings (a bad value stops start-up naming the variable) and
-sets up logging, the heartbeat and metrics exactly as ``runcomfy-worker worker`` does; library
-code and tests use :func:`worker.queueing.run.create_app` instead.
+Importing this module reads and checks settings (a missing or bad value stops start-up with
+exit code 2, naming the variable) and sets up logging, the heartbeat and metrics exactly as
+``runcomfy-worker worker`` does; library code and tests use
+:func:`worker.queueing.run.create_app` instead.
 """
 
-from worker.queueing.run import worker_app
-from worker.settings import load_settings
+import sys
 
-app = worker_app(load_settings())
+from worker.errors import ConfigError
+from worker.queueing.run import load_worker_settings, worker_app
+
+try:
+    _settings = load_worker_settings()
+except ConfigError as exc:
+    print(f"runcomfy-worker: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+app = worker_app(_settings)

@@ -22,6 +22,7 @@ from worker import __version__
 if TYPE_CHECKING:
     from api_contracts.jobs import JobRecord
     from worker.producer.client import Client
+    from worker.queueing.dead_letters import DeadLetterStore
 
 EPILOG = """\b
 Examples:
@@ -483,6 +484,272 @@ def worker(ctx: click.Context) -> None:
     from worker.queueing.run import run_worker
 
     sys.exit(run_worker(list(ctx.args)))
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  runcomfy-worker reconcile --dry-run        # what is stuck, since when, and why
+  runcomfy-worker reconcile --json | jq .
+  runcomfy-worker reconcile                  # move every overdue job on now
+
+\b
+Workers run a pass every RECONCILE_INTERVAL_S on their own; this runs one now. Exit 0
+also when nothing was overdue.""",
+)
+@click.option("--dry-run", is_flag=True, help="Only list the overdue jobs and the planned action.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="At most this many jobs.")
+@_redis_url_option
+def reconcile(dry_run: bool, as_json: bool, limit: int | None, redis_url: str | None) -> None:
+    """List the jobs whose next step is overdue and (unless --dry-run) move them on."""
+    import json
+
+    import redis as redis_lib
+    from celery import Celery
+
+    from worker.queueing.config import celery_config
+    from worker.queueing.publish import make_publisher
+    from worker.queueing.run import make_reconciler
+    from worker.runtime import Runtime
+    from worker.settings import load_settings
+
+    with reported_errors():
+        settings = load_settings(redis={"url": redis_url}) if redis_url else load_settings()
+        app = Celery("runcomfy_reconcile", set_as_current=False)
+        app.conf.update(celery_config(settings))
+        rt = Runtime(settings)
+        try:
+            reconciler = make_reconciler(rt, make_publisher(app))
+            if limit is not None:
+                reconciler.batch = limit
+            done = reconciler.run_pass(dry_run=dry_run)
+        except redis_lib.RedisError as exc:
+            _fail(f"cannot reach Redis: {exc}")
+            return
+        finally:
+            rt.close()
+            app.close()
+    if as_json:
+        click.echo(json.dumps([item.as_dict() for item in done], indent=2))
+        return
+    verb = "would" if dry_run else "did"
+    for item in done:
+        fields = item.as_dict()
+        click.echo(
+            f"{item.job_id}  {fields['status'] or '-':<11} overdue since {fields['overdue_since']}"
+            f"  {verb} {fields['action']}: {fields['reason']}"
+        )
+    click.echo(f"{len(done)} overdue job(s)", err=True)
+
+
+# ====================================================================== dead letters
+@main.group(
+    "dead-letters",
+    epilog="""\b
+Examples:
+  runcomfy-worker dead-letters list                  # newest first, 20 at most
+  runcomfy-worker dead-letters list --json --limit 100 | jq -r '.[].reason'
+  runcomfy-worker dead-letters show 0                # by index (0 = newest) or by id
+  runcomfy-worker dead-letters requeue 3f9c0d2e8a4b4f0e9d8c7b6a5f4e3d2c  # after fixing the cause
+  runcomfy-worker dead-letters requeue --all
+  runcomfy-worker dead-letters purge --yes
+
+\b
+Broker messages the worker could not turn into a runnable task (not JSON, headers or body
+Celery cannot use, unknown task name) are kept in the Redis list rcw:dead (newest first,
+capped) with the reason, the time, the queue and the raw message, and acknowledged.
+""",
+)
+def dead_letters_group() -> None:
+    """Inspect, requeue or purge messages the worker could not run (dead letters)."""
+
+
+@contextmanager
+def _dead_letter_store(redis_url: str | None) -> Iterator[DeadLetterStore]:
+    """A DeadLetterStore on REDIS_URL; Redis errors become ``error: …`` and exit 1."""
+    import redis as redis_lib
+
+    from worker.errors import ConfigError, DeadLetterNotFoundError, NotRequeueableError
+    from worker.queueing.dead_letters import DeadLetterStore
+    from worker.settings import load_settings
+
+    try:
+        settings = load_settings(redis={"url": redis_url}) if redis_url else load_settings()
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    client = redis_lib.Redis.from_url(
+        settings.redis.url, socket_timeout=10, socket_connect_timeout=5
+    )
+    try:
+        yield DeadLetterStore(client)
+    except (DeadLetterNotFoundError, NotRequeueableError) as exc:
+        _fail(str(exc))
+    except redis_lib.RedisError as exc:
+        _fail(f"cannot use Redis: {exc}")
+    finally:
+        client.close()
+
+
+def _dead_letter_ref(ref: str) -> str:
+    """An index (digits) or an entry id (32 hex digits); anything else exits 2."""
+    import re
+
+    if not re.fullmatch(r"\d{1,9}|[0-9a-f]{32}", ref):
+        _fail(f"{ref!r} is neither an index (0 = newest) nor a dead-letter id", EXIT_BAD_INPUT)
+    return ref
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@dead_letters_group.command(
+    "list",
+    epilog="""\b
+Examples:
+  runcomfy-worker dead-letters list
+  runcomfy-worker dead-letters list --limit 200 --json > dead.json
+""",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=20, show_default=True,
+    help="Show at most this many (newest first).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of whole entries.")
+@_redis_url_option
+def dead_letters_list(limit: int, as_json: bool, redis_url: str | None) -> None:
+    """List dead letters, newest first: index, time, reason, queue, id, detail."""
+    import json
+
+    with _dead_letter_store(redis_url) as store:
+        total = store.count()
+        entries = store.entries(limit=limit)
+    if as_json:
+        click.echo(json.dumps([{"index": i, **e.to_dict()} for i, e in entries], indent=2))
+        return
+    if not entries:
+        click.echo("no dead letters")
+        return
+    for index, entry in entries:
+        click.echo(
+            f"{index:>4}  {entry.at}  {entry.reason:<20}  {entry.queue or '?':<16}  "
+            f"{entry.id}  {_one_line(entry.detail, 80)}"
+        )
+    if total > len(entries):
+        click.echo(f"({len(entries)} of {total} shown; --limit for more)")
+
+
+@dead_letters_group.command(
+    "show",
+    epilog="""\b
+Examples:
+  runcomfy-worker dead-letters show 0
+  runcomfy-worker dead-letters show 3f9c0d2e8a4b4f0e9d8c7b6a5f4e3d2c --json | jq -r .raw
+""",
+)
+@click.argument("ref", metavar="INDEX|ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole entry as JSON.")
+@_redis_url_option
+def dead_letters_show(ref: str, as_json: bool, redis_url: str | None) -> None:
+    """Show one dead letter: why, when, from which queue, and the raw message."""
+    import json
+
+    with _dead_letter_store(redis_url) as store:
+        index, entry = store.get(_dead_letter_ref(ref))
+    if as_json:
+        click.echo(json.dumps({"index": index, **entry.to_dict()}, indent=2))
+        return
+    size = f"{entry.raw_bytes} bytes" + (
+        ", truncated: cannot be requeued" if entry.truncated else ""
+    )
+    click.echo(f"dead letter {entry.id} (index {index})")
+    click.echo(f"  at      {entry.at}")
+    click.echo(f"  reason  {entry.reason}")
+    click.echo(f"  detail  {entry.detail or '-'}")
+    click.echo(f"  queue   {entry.queue or '?'}")
+    click.echo(f"  raw     {size}")
+    click.echo(_describe_raw(entry.raw))
+
+
+def _describe_raw(raw: str) -> str:
+    """The raw message, pretty-printed when it is JSON, with a base64 body decoded."""
+    import base64
+    import binascii
+    import json
+
+    try:
+        envelope = json.loads(raw)
+    except ValueError:
+        return raw
+    lines = [json.dumps(envelope, indent=2, ensure_ascii=False)]
+    body = envelope.get("body") if isinstance(envelope, dict) else None
+    if isinstance(body, str):
+        try:
+            decoded = base64.b64decode(body, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            decoded = None
+        if decoded is not None:
+            lines.append(f"body (base64-decoded): {decoded}")
+    return "\n".join(lines)
+
+
+@dead_letters_group.command(
+    "requeue",
+    epilog="""\b
+Examples:
+  runcomfy-worker dead-letters requeue 0
+  runcomfy-worker dead-letters requeue --all
+
+\b
+Pushes the raw message back onto the queue it came from (at the back of the line) and
+removes the entry. Fix the cause first (producer, deploy of a missing task …): a message
+that still cannot run comes straight back. Truncated entries cannot be requeued.
+Exit 1 when the entry is gone or cannot be requeued (with --all: when any was skipped).
+""",
+)
+@click.argument("ref", metavar="INDEX|ID", required=False)
+@click.option("--all", "all_", is_flag=True, help="Requeue every entry there is now.")
+@_redis_url_option
+def dead_letters_requeue(ref: str | None, all_: bool, redis_url: str | None) -> None:
+    """Push dead letters back onto their queues (one by INDEX|ID, or --all)."""
+    if (ref is None) == (not all_):
+        _fail("give either INDEX|ID or --all", EXIT_BAD_INPUT)
+    if ref is not None:
+        with _dead_letter_store(redis_url) as store:
+            entry = store.requeue(_dead_letter_ref(ref))
+        click.echo(f"requeued {entry.id} onto {entry.queue}")
+        return
+    with _dead_letter_store(redis_url) as store:
+        report = store.requeue_all()
+    click.echo(f"requeued {len(report.requeued)} dead letter(s)")
+    if report.skipped:
+        ids = ", ".join(e.id or "?" for e in report.skipped)
+        _fail(f"{len(report.skipped)} cannot be requeued (truncated or no queue): {ids}")
+
+
+@dead_letters_group.command(
+    "purge",
+    epilog="""\b
+Examples:
+  runcomfy-worker dead-letters purge           # asks first (on a terminal)
+  runcomfy-worker dead-letters purge --yes
+""",
+)
+@click.option("--yes", is_flag=True, help="Do not ask (required when not on a terminal).")
+@_redis_url_option
+def dead_letters_purge(yes: bool, redis_url: str | None) -> None:
+    """Delete every dead letter."""
+    with _dead_letter_store(redis_url) as store:
+        count = store.count()
+        if count and not yes:
+            if not sys.stdin.isatty():
+                _fail(f"refusing to delete {count} dead letter(s) without --yes", EXIT_BAD_INPUT)
+            if not click.confirm(f"delete {count} dead letter(s)?"):
+                _fail("nothing deleted")
+        deleted = store.purge() if count else 0
+    click.echo(f"deleted {deleted} dead letter(s)")
 
 
 def _register_optional() -> None:

@@ -22,6 +22,9 @@ The one drawing of the tree (other modules point here)::
     ├── JobNotFoundError              the job store has no such job
     ├── IdempotencyConflictError      same idempotency key, different request
     ├── TransitionRefusedError        the job moved on; a stale or duplicate step
+    ├── DeadLetterError               the dead-letter list (rcw:dead)
+    │   ├── DeadLetterNotFoundError   no entry at that index / with that id
+    │   └── NotRequeueableError       raw message truncated, or no queue known
     └── producer side (worker.producer re-exports these)
         ├── InvalidRequestError       the request does not validate; nothing queued (.errors)
         ├── RedisUnavailableError     Redis (broker and job store) cannot be reached
@@ -149,6 +152,18 @@ class IdempotencyConflictError(ServiceError):
 
 class TransitionRefusedError(ServiceError):
     """A status change not allowed from the job's current state (stale or duplicate step)."""
+
+
+class DeadLetterError(ServiceError):
+    """The dead-letter list could not do what was asked."""
+
+
+class DeadLetterNotFoundError(DeadLetterError, LookupError):
+    """No entry at that index / with that id (it may have been requeued, purged or trimmed)."""
+
+
+class NotRequeueableError(DeadLetterError):
+    """The entry cannot be requeued (raw message truncated, or no queue known)."""
 
 
 class InvalidRequestError(ServiceError, ValueError):

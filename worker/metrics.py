@@ -80,10 +80,30 @@ AMBIGUOUS_SUBMITS: Final = Counter(
 STALE_MESSAGES: Final = Counter(
     "runcomfy_stale_messages_total", "Messages ignored because their seq is stale.", ["task"]
 )
+RECONCILED: Final = Counter(
+    "runcomfy_reconciled_total",
+    "Overdue jobs the reconciler moved on, by action (republish, resubmit, fail_deadline …).",
+    ["action"],
+)
+PARKED_WAITS: Final = Counter(
+    "runcomfy_parked_waits_total",
+    "Long waits parked in the due index instead of held as countdowns, by task.",
+    ["task"],
+)
+STEP_ERRORS: Final = Counter(
+    "runcomfy_step_errors_total",
+    "Unexpected exceptions raised by a step (retried, then the job fails internal_error).",
+    ["task", "exception"],
+)
 MALFORMED_MESSAGES: Final = Counter(
     "runcomfy_malformed_messages_total",
     "Messages rejected because they failed validation.",
     ["task"],
+)
+DEAD_LETTERS: Final = Counter(
+    "runcomfy_dead_letters_total",
+    "Broker messages that could not become a runnable task, moved to the dead-letter list.",
+    ["reason"],
 )
 
 

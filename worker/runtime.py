@@ -47,7 +47,12 @@ class Runtime:
     @cached_property
     def store(self) -> JobStore:
         """The job store."""
-        return RedisJobStore(self.redis, ttl_s=self.settings.job.ttl_s)
+        return RedisJobStore(
+            self.redis,
+            ttl_s=self.settings.job.ttl_s,
+            deadline_s=self.settings.job.deadline_s,
+            submit_grace_s=self.settings.submit.grace_s,
+        )
 
     @cached_property
     def runcomfy(self) -> RunComfyClient:
@@ -98,6 +103,12 @@ class Runtime:
     def webhooks(self) -> WebhookSender:
         """Signs and POSTs webhook events."""
         return WebhookSender(self.settings.webhook.secret, self.webhook_http)
+
+    def build_all(self) -> None:
+        """Build every client now (a worker at start), so a bad setting shows at once
+        instead of at the first task that needs the client."""
+        for name in ("store", "runcomfy", "archiver", "webhooks"):
+            getattr(self, name)
 
     def close(self) -> None:
         """Close every client that was opened."""

@@ -105,7 +105,11 @@ class RunComfySettings(_Section):
     model_id: str = DEFAULT_MODEL_ID
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
-    download_timeout_s: float = Field(default=60.0, gt=0)
+    download_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Total seconds one output file may take to download (per-read timeout too).",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -121,6 +125,11 @@ class RunComfySettings(_Section):
         if not value or " " in value:
             raise ValueError("must look like owner/model/task")
         return value
+
+    @property
+    def call_budget_s(self) -> float:
+        """The longest one API call can take: pool + connect, then write + read timeouts."""
+        return 2 * self.connect_timeout_s + 2 * self.read_timeout_s
 
 
 class S3Settings(_Section):
@@ -222,6 +231,37 @@ class JobSettings(_Section):
     ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="Keep final records this long.")
 
 
+class ReconcileSettings(_Section):
+    """The reconciler: the job store's own guarantee that every job moves on."""
+
+    model_config = SettingsConfigDict(env_prefix="RECONCILE_")
+    env_prefix_name: ClassVar[str] = "RECONCILE_"
+
+    interval_s: float = Field(
+        default=15.0, gt=0, description="How often one worker fleet-wide sweeps overdue jobs."
+    )
+    batch: int = Field(default=500, ge=1, description="Most overdue jobs handled per pass.")
+    grace_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How long past its due time a promised message may be missing before "
+        "it is sent again.",
+    )
+
+
+class SubmitSettings(_Section):
+    """Submitting to upstream."""
+
+    model_config = SettingsConfigDict(env_prefix="SUBMIT_")
+    env_prefix_name: ClassVar[str] = "SUBMIT_"
+
+    grace_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A queued job not picked up by then gets its submit message again.",
+    )
+
+
 class BrokerSettings(_Section):
     """Celery-on-Redis broker tuning."""
 
@@ -260,6 +300,8 @@ _SECTIONS: dict[str, type[_Section]] = {
     "webhook": WebhookSettings,
     "poll": PollSettings,
     "job": JobSettings,
+    "reconcile": ReconcileSettings,
+    "submit": SubmitSettings,
     "broker": BrokerSettings,
     "worker": WorkerSettings,
 }
@@ -276,6 +318,8 @@ class Settings(BaseModel):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     poll: PollSettings = Field(default_factory=PollSettings)
     job: JobSettings = Field(default_factory=JobSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    submit: SubmitSettings = Field(default_factory=SubmitSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     allow_private_networks: bool = False

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import random
 import threading
+import time
 import uuid
+import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,6 +55,11 @@ class Route:
     #: Send this many bytes, then hold the connection without sending more.
     stall_after: int | None = None
     write_size: int = 64 * 1024
+    #: Wait this long after every write (with write_size=1: a server that trickles).
+    pause_s: float = 0.0
+    #: Send these bytes as they are, with Content-Length and this Content-Encoding.
+    encoded_body: bytes | None = None
+    content_encoding: str | None = None
 
 
 def blocks(size: int, seed: int) -> Iterator[bytes]:
@@ -86,6 +94,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         if route.content_type:
             self.send_header("Content-Type", route.content_type)
+        if route.encoded_body is not None:
+            if route.content_encoding:
+                self.send_header("Content-Encoding", route.content_encoding)
+            self.send_header("Content-Length", str(len(route.encoded_body)))
+            self.end_headers()
+            self.wfile.write(route.encoded_body)
+            return
         if route.framing == "length":
             declared = route.declared_length if route.declared_length is not None else route.size
             self.send_header("Content-Length", str(declared))
@@ -119,6 +134,8 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     self.wfile.write(piece)
                 sent += len(piece)
+                if route.pause_s and stopping.wait(route.pause_s):
+                    return
         if route.framing == "chunked":
             self.wfile.write(b"0\r\n\r\n")
 
@@ -460,6 +477,144 @@ def test_a_stalled_download_times_out_and_aborts_the_upload(
     assert caught.value.retryable is True
     assert keys_under(s3, f"runcomfy/{job_id}/") == []
     assert uploads_under(s3, f"runcomfy/{job_id}/") == []
+
+
+# -- the total deadline -----------------------------------------------------------------------
+
+
+def test_a_trickling_download_stops_at_the_total_deadline(
+    files: FileServer, s3: S3Client, settings: S3Settings
+) -> None:
+    # 100 bytes a second: every read is quick, so only a total deadline ends it.
+    url = files.add("trickle.png", Route(size=100_000, write_size=1, pause_s=0.01))
+    job_id = new_job()
+    started = time.monotonic()
+
+    with (
+        httpx.Client(timeout=httpx.Timeout(5.0)) as http,
+        pytest.raises(DownloadError, match=r"took longer than 0\.4 s") as caught,
+    ):
+        archive(Archiver(s3, settings, http, download_deadline_s=0.4), job_id, url)
+
+    assert 0.35 < time.monotonic() - started < 1.5
+    assert caught.value.retryable is True
+    assert not isinstance(caught.value, OutputTooLargeError)
+    assert keys_under(s3, f"runcomfy/{job_id}/") == []
+
+
+def test_the_deadline_defaults_to_the_clients_read_timeout(
+    files: FileServer, s3: S3Client, settings: S3Settings
+) -> None:
+    # As the runtime builds it: RUNCOMFY_DOWNLOAD_TIMEOUT_S is the download client's read
+    # timeout, and so the whole file's deadline.
+    url = files.add("trickle.png", Route(size=100_000, write_size=1, pause_s=0.01))
+
+    with (
+        httpx.Client(timeout=httpx.Timeout(5.0, read=0.4)) as http,
+        pytest.raises(DownloadError, match=r"took longer than 0\.4 s") as caught,
+    ):
+        archive(Archiver(s3, settings, http), new_job(), url)
+
+    assert caught.value.retryable is True
+
+
+def test_a_read_blocked_on_a_silent_server_ends_at_the_deadline(
+    files: FileServer, s3: S3Client, settings: S3Settings
+) -> None:
+    # Headers, then silence: the per-read timeout (10 s) would only end it much later.
+    url = files.add("silent.png", Route(size=MIB, stall_after=1000, write_size=1000))
+    started = time.monotonic()
+
+    with (
+        httpx.Client(timeout=httpx.Timeout(10.0)) as http,
+        pytest.raises(DownloadError, match=r"took longer than 0\.4 s") as caught,
+    ):
+        archive(Archiver(s3, settings, http, download_deadline_s=0.4), new_job(), url)
+
+    assert time.monotonic() - started < 1.5
+    assert caught.value.retryable is True
+
+
+def test_time_spent_in_s3_is_not_charged_to_the_download(
+    files: FileServer, s3: S3Client, settings: S3Settings
+) -> None:
+    body = content(12 * MIB, seed=21)
+    url = files.add("slow-s3.png", Route(size=len(body), seed=21))
+    job_id = new_job()
+
+    def slow_part(**_: Any) -> None:
+        time.sleep(0.3)
+
+    s3.meta.events.register("before-call.s3.UploadPart", slow_part)
+    try:
+        with httpx.Client(timeout=httpx.Timeout(5.0)) as http:
+            archiver = Archiver(
+                s3, replace_part_size(settings, 5 * MIB), http, download_deadline_s=0.5
+            )
+            out = archive(archiver, job_id, url)
+    finally:
+        s3.meta.events.unregister("before-call.s3.UploadPart", slow_part)
+
+    assert_stored(s3, out, body, job_id, url)
+
+
+# -- content encodings: decoded in bounded steps, limits counted after decoding --------------
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("x-gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS)),  # headerless
+        ("gzip, gzip", lambda data: gzip.compress(gzip.compress(data))),
+        ("identity", lambda data: data),
+    ],
+)
+def test_encoded_bodies_are_stored_decoded(
+    files: FileServer,
+    archiver: Archiver,
+    s3: S3Client,
+    encoding: str,
+    compress: Callable[[bytes], bytes],
+) -> None:
+    body = content(300_000, seed=22)
+    url = files.add("enc.png", Route(encoded_body=compress(body), content_encoding=encoding))
+    job_id = new_job()
+
+    out = archive(archiver, job_id, url)
+
+    assert_stored(s3, out, body, job_id, url)
+
+
+def test_a_gzip_bomb_stops_at_the_limit_after_decoding(
+    files: FileServer, archiver: Archiver, s3: S3Client, calls: list[str]
+) -> None:
+    bomb = gzip.compress(bytes(MAX_IMAGE_BYTES + MIB), compresslevel=9)
+    assert len(bomb) < MIB // 10  # far under the limit as sent
+    url = files.add("bomb.png", Route(encoded_body=bomb, content_encoding="gzip"))
+    job_id = new_job()
+
+    with pytest.raises(OutputTooLargeError, match="over the 50 MiB limit") as caught:
+        archive(archiver, job_id, url)
+
+    assert caught.value.retryable is False
+    # Decoded a step at a time (not 51 MiB in one go): parts went up, then were aborted.
+    assert calls[-1] == "AbortMultipartUpload"
+    assert keys_under(s3, f"runcomfy/{job_id}/") == []
+    assert uploads_under(s3, f"runcomfy/{job_id}/") == []
+
+
+def test_a_corrupt_gzip_body_is_a_permanent_download_error(
+    files: FileServer, archiver: Archiver
+) -> None:
+    url = files.add("bad.png", Route(encoded_body=b"not gzip at all", content_encoding="gzip"))
+
+    with pytest.raises(DownloadError, match="corrupt gzip body") as caught:
+        archive(archiver, new_job(), url)
+
+    assert caught.value.retryable is False
 
 
 def test_the_ssrf_guard_error_passes_through(s3: S3Client, settings: S3Settings) -> None:

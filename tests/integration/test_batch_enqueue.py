@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
 from api_contracts.jobs import JobStatus
 from api_contracts.messages import QUEUE_SUBMIT
-from worker.devtools.embedded import EmbeddedRedis
 from worker.producer.producer import InvalidRequestError, Producer
-from worker.queueing.config import ServiceCelery
-from worker.queueing.run import create_app
-from worker.settings import RedisSettings, Settings
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def producer(redis_server: EmbeddedRedis) -> Iterator[Producer]:
-    app: ServiceCelery = create_app(Settings(redis=RedisSettings(url=redis_server.url)))
-    app.runtime.redis.flushdb()
-    yield Producer(app.runtime, app)
-    app.close_runtime()
 
 
 def queued_job_ids(producer: Producer) -> list[str]:
@@ -64,3 +51,41 @@ def test_idempotency_keys_in_a_batch(producer: Producer) -> None:
     # the existing job is still queued and unsent-by-a-worker, so its message is sent again
     # (harmless: submit is idempotent), and the new one once
     assert queued_job_ids(producer).count(records[1].id) == 1
+
+
+def test_one_key_with_two_different_requests_in_a_batch_conflicts(producer: Producer) -> None:
+    from worker.errors import IdempotencyConflictError
+
+    with pytest.raises(IdempotencyConflictError, match="order-10"):
+        producer.enqueue_many(
+            [
+                {"input": {"prompt": "first"}, "idempotency_key": "order-10"},
+                {"input": {"prompt": "second"}, "idempotency_key": "order-10"},
+            ]
+        )
+    assert producer.rt.redis.llen(QUEUE_SUBMIT) == 0  # nothing queued
+
+
+def test_concurrent_producers_with_one_key_and_different_requests(producer: Producer) -> None:
+    import threading
+
+    from worker.errors import IdempotencyConflictError
+
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def enqueue(i: int) -> None:
+        barrier.wait()
+        try:
+            producer.enqueue({"input": {"prompt": f"racer {i}"}, "idempotency_key": "order-11"})
+            outcomes.append("queued")
+        except IdempotencyConflictError:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=enqueue, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["conflict"] * 7 + ["queued"]
+    assert producer.rt.store.in_flight() == 1

@@ -4,6 +4,7 @@ before anything connects), progress display, summaries."""
 from __future__ import annotations
 
 import io
+import os
 from datetime import UTC, datetime, timedelta
 
 import click
@@ -172,3 +173,39 @@ def test_describe_a_finished_job() -> None:
     assert f"output 0  s3://b/p/j/0.png  123 bytes  sha256 {'a' * 64}" in text
     assert "error     generation_failed: boom" in text
     assert "2048x2048(1:1) scale 0.5  'a cube'" in text
+
+
+@pytest.mark.parametrize(
+    ("unset", "named"),
+    [
+        ({"WEBHOOK_SECRET": ""}, ["WEBHOOK_SECRET"]),
+        ({"RUNCOMFY_API_TOKEN": ""}, ["RUNCOMFY_API_TOKEN"]),
+        (
+            {"WEBHOOK_SECRET": "", "RUNCOMFY_API_TOKEN": ""},
+            ["WEBHOOK_SECRET", "RUNCOMFY_API_TOKEN"],
+        ),
+    ],
+)
+def test_a_worker_refuses_to_start_without_what_it_needs(
+    unset: dict[str, str], named: list[str]
+) -> None:
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "RUNCOMFY_API_TOKEN": "tok",
+        "WEBHOOK_SECRET": "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQ=",
+        **unset,
+    }
+    for argv in (
+        [sys.executable, "-m", "worker", "worker"],
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker"],
+    ):
+        done = subprocess.run(
+            argv, check=False, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, (argv, done.stderr[-2000:])
+        for name in named:
+            assert name in done.stderr

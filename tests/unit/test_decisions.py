@@ -136,6 +136,11 @@ def test_poll_in_progress_reschedules_without_position() -> None:
     assert got == d.Reschedule(1.0, "in_progress", S.IN_PROGRESS, None)
 
 
+def test_poll_requeued_upstream_never_moves_a_job_backwards() -> None:
+    got = poll(st("in_queue", queue_position=2), status=S.IN_PROGRESS, elapsed=50)
+    assert got == d.Reschedule(5.0, "requeued_upstream")  # status and position unchanged
+
+
 def test_poll_completed_fetches_result_even_past_deadline() -> None:
     assert poll(st("completed"), age=99999) == d.FetchResult()
 

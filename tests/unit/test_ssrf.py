@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from worker.devtools.embedded import free_port
 from worker.errors import TargetForbiddenError
@@ -28,6 +31,7 @@ from worker.services.url_guard import (
     literal_ip,
     parse_legacy_ipv4,
 )
+from worker.services.webhooks import WebhookSender
 
 TIMEOUT = httpx.Timeout(5.0)
 
@@ -667,3 +671,161 @@ def test_https_past_the_pool_limit_uses_one_off_connections(
             assert response.read() == b"hello"
     assert https_server.sni_names == ["hooks.example.test"] * 3
     assert [s.path for s in https_server.seen] == ["/one", "/two", "/three"]
+
+
+# --------------------------------------------------------------------------------------------
+# Names DNS cannot carry: refused statically, at submit and again before any resolution
+
+LABEL_63 = "a" * 63
+HOST_253 = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+assert len(HOST_253) == 253
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("a" * 64 + ".example.com", "host label 'a{20}…' is 64 characters; DNS allows at most 63"),
+        ("hooks." + "x" * 200 + ".example.com", r"is 200 characters; DNS allows at most 63"),
+        (HOST_253[:-1] + "dd", "host 'a{20}…' is 254 characters; DNS allows at most 253"),
+        (HOST_253 + ".com", "is 257 characters; DNS allows at most 253"),
+        ("a..example.com", "host 'a..example.com' has an empty label"),
+        (".example.com", "has an empty label"),
+        ("example.com..", "has an empty label"),
+        ("ü" * 60 + ".example", r"is \d+ characters once IDNA-encoded; DNS allows at most 63"),
+        ("\u05d0a.example", "fails IDNA encoding: Violation of BIDI requirement"),
+        ("xn--ü.example", "fails IDNA encoding: Label starts with ACE prefix"),
+    ],
+)
+def test_shape_refuses_names_dns_cannot_carry(host: str, message: str) -> None:
+    for guard in (STRICT, LENIENT):
+        with pytest.raises(TargetForbiddenError, match=message):
+            guard.check_url_shape(f"https://{host}/hook")
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        LABEL_63 + ".example.com",
+        HOST_253,
+        HOST_253 + ".",  # the root's dot is not part of the 253
+        "ü" * 20 + ".example",
+        "under_score.example.com",
+    ],
+)
+def test_shape_accepts_names_at_the_limits(host: str) -> None:
+    STRICT.check_url_shape(f"https://{host}/hook")
+
+
+def test_resolve_refuses_an_uncarriable_name_without_asking_dns() -> None:
+    dns = FakeDns({})
+    with pytest.raises(TargetForbiddenError, match="is 64 characters"):
+        UrlGuard(allow_private=True, resolver=dns).resolve(f"https://{'a' * 64}.example.com/")
+    assert dns.calls == []
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution: bounded in time, and every resolver failure is classified
+
+
+class SlowDns:
+    """A resolver that blocks until released (a DNS server that never answers)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self, host: str, port: int) -> Sequence[str]:
+        self.calls += 1
+        self.release.wait(10)
+        return ["93.184.216.34"]
+
+
+@pytest.fixture
+def slow_dns() -> Iterator[SlowDns]:
+    dns = SlowDns()
+    yield dns
+    dns.release.set()  # frees the shared resolver thread
+
+
+def test_resolution_is_bounded_by_the_timeout(slow_dns: SlowDns) -> None:
+    guard = UrlGuard(allow_private=False, resolver=slow_dns, resolve_timeout_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(socket.gaierror, match=r"took longer than 0\.2 s") as caught:
+        guard.resolve("https://slow.example/hook")
+    assert 0.15 < time.monotonic() - started < 1.5
+    assert caught.value.errno == socket.EAI_AGAIN
+    assert slow_dns.calls == 1
+
+
+def test_a_resolution_timeout_is_a_retryable_connect_error(slow_dns: SlowDns) -> None:
+    guard = UrlGuard(allow_private=False, resolver=slow_dns, resolve_timeout_s=0.2)
+    with (
+        guarded_client(guard, timeout=TIMEOUT) as client,
+        pytest.raises(httpx.ConnectError, match=r"cannot resolve slow\.example: .*took longer"),
+    ):
+        client.get("https://slow.example/hook")
+
+
+def test_the_default_resolve_timeout() -> None:
+    assert UrlGuard(allow_private=False).resolve_timeout_s == 5.0
+    with pytest.raises(ValueError, match="positive"):
+        UrlGuard(allow_private=False, resolve_timeout_s=0)
+
+
+def _raise(exc: Exception) -> Any:
+    def resolver(host: str, port: int) -> Sequence[str]:
+        raise exc
+
+    return resolver
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UnicodeError("encoding with 'idna' codec failed (UnicodeError: label too long)"),
+        ValueError("embedded null byte"),
+    ],
+)
+def test_resolver_value_errors_become_target_forbidden(error: Exception) -> None:
+    guard = UrlGuard(allow_private=False, resolver=_raise(error))
+    expected = f"cannot resolve host odd.example: {type(error).__name__}: {error}"
+    with pytest.raises(TargetForbiddenError, match=re.escape(expected)):
+        guard.resolve("https://odd.example/hook")
+
+
+def test_unparseable_resolver_answer_is_target_forbidden() -> None:
+    guard = UrlGuard(allow_private=True, resolver=FakeDns({"odd.example": ["not-an-address"]}))
+    with pytest.raises(TargetForbiddenError, match=r"cannot resolve host odd\.example"):
+        guard.resolve("https://odd.example/hook")
+
+
+def test_getaddrinfo_unicode_error_at_delivery_is_forbidden_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def getaddrinfo(*args: object, **kwargs: object) -> Any:
+        raise UnicodeError("encoding with 'idna' codec failed (UnicodeError: label too long)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    guard = UrlGuard(allow_private=False)  # the real resolver, over the patched getaddrinfo
+    with guarded_client(guard, timeout=TIMEOUT) as client:
+        with pytest.raises(
+            TargetForbiddenError, match=r"cannot resolve host odd\.example: UnicodeError"
+        ):
+            client.post("https://odd.example/hook", content=b"{}")
+        sender = WebhookSender([SecretStr("whsec_" + "c2VjcmV0LWtleS0xMjM0NTY=")], client)
+        result = sender.deliver("https://odd.example/hook", "msg_1", b"{}", timestamp=1)
+    assert result.outcome == "forbidden"
+    assert result.error is not None
+    assert "UnicodeError" in result.error
+
+
+def test_a_stored_webhook_url_with_a_long_label_is_refused_at_delivery() -> None:
+    # A job queued before submit-time checks existed still reaches a final state.
+    dns = FakeDns({})
+    with guarded_client(UrlGuard(allow_private=False, resolver=dns), timeout=TIMEOUT) as client:
+        sender = WebhookSender([SecretStr("whsec_" + "c2VjcmV0LWtleS0xMjM0NTY=")], client)
+        result = sender.deliver(f"https://{'a' * 64}.example/hook", "msg_1", b"{}", timestamp=1)
+    assert result.outcome == "forbidden"
+    assert result.error is not None
+    assert "64 characters; DNS allows at most 63" in result.error
+    assert dns.calls == []

@@ -78,10 +78,13 @@ def redis_server_binary() -> Path:
 
 
 class EmbeddedRedis(ManagedService):
-    """A throw-away ``redis-server`` subprocess on 127.0.0.1 (no persistence)."""
+    """A throw-away ``redis-server`` subprocess on 127.0.0.1: no persistence, or with
+    ``aof=True`` an append-only file (``everysec`` or ``always``) that survives
+    :meth:`stop` / :meth:`kill` and a :meth:`start` again on the same port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, aof: str | None = None) -> None:
         self.port = port or free_port()
+        self.aof = aof
         self._dir = tempfile.mkdtemp(prefix="rcw-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -97,26 +100,39 @@ class EmbeddedRedis(ManagedService):
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.aof else "no",
             "--dir", self._dir,
             "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
+        if self.aof:
+            args += ["--appendfsync", self.aof]
         self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, our own binary
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         wait_for_port("127.0.0.1", self.port)
         return self
 
-    def close(self) -> None:
-        """Stop the server and remove its directory."""
+    def stop(self) -> None:
+        """Stop the server gracefully (SIGTERM: Redis flushes its AOF); its data stays."""
         if self._proc is not None:
             self._proc.terminate()
             try:
-                self._proc.wait(timeout=5)
+                self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the server: what the AOF had not written yet is lost."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -233,6 +249,10 @@ class WorkerProcess(ManagedService):
             return Path(self.log_path).read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return ""
+
+    def returncode(self) -> int | None:
+        """The exit status once it has exited on its own or been stopped (None: running)."""
+        return None if self._proc is None else self._proc.poll()
 
     def alive(self) -> bool:
         """Is the process still running?"""

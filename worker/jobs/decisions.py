@@ -141,6 +141,13 @@ def decide_poll(
     remaining = max(0.5, deadline_s - age_s)
     if isinstance(answer, StatusResponse):
         new_status = JobStatus.IN_QUEUE if answer.status == "in_queue" else JobStatus.IN_PROGRESS
+        if status == JobStatus.IN_PROGRESS and new_status == JobStatus.IN_QUEUE:
+            # Upstream re-queued a started request: a job never goes backwards, so it stays
+            # in_progress (and keeps being polled) until upstream moves on.
+            return Reschedule(
+                countdown=min(remaining, poll_interval(elapsed_s, poll, jitter)),
+                reason="requeued_upstream",
+            )
         return Reschedule(
             countdown=min(remaining, poll_interval(elapsed_s, poll, jitter)),
             reason=answer.status,

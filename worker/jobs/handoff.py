@@ -8,8 +8,13 @@ Every message the worker sends itself carries the job's hand-off number ``seq``:
 * if a worker dies between that write and the publish, its own message is redelivered
   (acks_late) with the previous seq, finds the outbox overdue, and republishes it
   (:meth:`Handoff.is_current`);
-* a wait longer than the broker allows hops: the message carries ``not_before`` and is
-  re-sent until then (:meth:`Handoff.send`, :meth:`Handoff.defer_if_early`).
+* every hand-off also moves the job's due time in the store's due index (promised time +
+  grace); a wait longer than :data:`PARK_AFTER_S` is not published at all but *parked*
+  there (due exactly at the promised time), and the reconciler (``worker.jobs.reconcile``)
+  publishes it when due. A message that arrives while its successor is still due is
+  dropped: the due index, not a self-rescheduled message, keeps that promise;
+* messages of older releases may carry ``not_before`` (a hop of a long wait); they are
+  re-sent until then (:meth:`Handoff.defer_if_early`).
 
 Steps (``worker.jobs.steps``) use only this module to move a job on; producers use it to
 finish a cancelled job (``worker.jobs.cancel``).
@@ -36,8 +41,13 @@ from worker.logs import log_context
 
 log = logging.getLogger(__name__)
 
-#: How long past its due time a promised message may be missing before it is republished.
-OUTBOX_GRACE_S: Final = 30.0
+#: How long past its due time a promised message may be missing before it is republished
+#: (the default of ``RECONCILE_GRACE_S``).
+OUTBOX_GRACE_S: Final = 15.0
+#: Waits up to this long are countdowns held by a worker; longer ones (webhook retries,
+#: long Retry-After) are parked in the due index and woken by the reconciler, so worker
+#: memory holds only short countdowns.
+PARK_AFTER_S: Final = 60.0
 
 
 class Publisher(Protocol):
@@ -91,27 +101,39 @@ class Handoff:
         publish: Publisher,
         *,
         max_countdown_s: float,
+        grace_s: float = OUTBOX_GRACE_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.publish = publish
         self.max_countdown_s = max_countdown_s
+        self.grace_s = grace_s
         self.clock = clock
 
     def handoff(
         self, job: StoredJob, task: str, *, countdown: float, change: JobChange | None = None
     ) -> StoredJob | None:
-        """CAS the job to seq+1 with ``task`` promised in the outbox, then publish it.
-        None: the job changed since it was read, nothing was sent."""
+        """CAS the job to seq+1 with ``task`` promised in the outbox, then publish it (or,
+        for a long wait, park it in the due index). None: the job changed since it was read,
+        nothing was sent."""
         seq = job.seq + 1
         countdown = max(0.0, countdown)
-        outbox = Outbox(task=task, seq=seq, due_at=self.clock() + countdown)
-        after = self.store.update(job, (change or JobChange()).but(seq=seq, outbox=outbox))
+        parked = countdown > min(PARK_AFTER_S, self.max_countdown_s)
+        # due_at is on the store's clock (the job was read at job.read_at)
+        outbox = Outbox(task=task, seq=seq, due_at=job.read_at + countdown)
+        due_in = countdown if parked else countdown + self.grace_s
+        after = self.store.update(
+            job, (change or JobChange()).but(seq=seq, outbox=outbox, due_in=due_in)
+        )
         if after is None:
             metrics.STALE_MESSAGES.labels(task).inc()
             log.info("job changed under us; %s not sent", task)
             return None
-        self.send(task, job.id, seq, countdown)
+        if parked:
+            metrics.PARKED_WAITS.labels(task).inc()
+            log.info("%s parked for %.0fs (the reconciler sends it when due)", task, countdown)
+        else:
+            self.send(task, job.id, seq, countdown)
         return after
 
     def finish(
@@ -157,15 +179,16 @@ class Handoff:
         if outbox is not None and outbox.seq == job.seq and seq == job.seq - 1:
             # The message just before a hand-off: a duplicate, or a redelivery after its
             # worker died between the hand-off's write and its publish.
-            overdue_in = outbox.due_at + OUTBOX_GRACE_S - self.clock()
-            if overdue_in <= 0:
+            if outbox.due_at + self.grace_s <= job.read_at:
                 log.warning(
                     "republishing %s seq %d: it was promised but never ran", outbox.task, outbox.seq
                 )
                 self.send(outbox.task, job.id, outbox.seq, 0.0)
             else:
-                # Too early to tell: look again once the promised message is overdue.
-                self.send(task, job.id, seq, overdue_in + 1.0)
+                # Too early to tell; the due index keeps the promise (the reconciler
+                # republishes it if it is still missing once overdue).
+                metrics.STALE_MESSAGES.labels(task).inc()
+                log.info("%s seq %d: its successor is not due yet; ignored", task, seq)
             return False
         metrics.STALE_MESSAGES.labels(task).inc()
         log.info("stale %s message (seq %d, job at %d); ignored", task, seq, job.seq)

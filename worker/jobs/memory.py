@@ -9,33 +9,58 @@ on it: which jobs got a TTL (final ones) and every published event.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 from api_contracts.jobs import JobError, JobRequest, JobStatus
 from worker.errors import IdempotencyConflictError, JobNotFoundError
-from worker.jobs.state import JobChange, StoredJob, apply_change, new_job, request_hash, utcnow
+from worker.jobs.state import (
+    GENERATING,
+    JobChange,
+    StoredJob,
+    Unchanged,
+    apply_change,
+    expects_progress,
+    new_job,
+    request_hash,
+    utcnow,
+)
 
 
 class InMemoryJobStore:
     """:class:`~worker.jobs.store.JobStore` in process memory. Thread-safe."""
 
-    def __init__(self, *, ttl_s: int = 7 * 24 * 3600) -> None:
+    def __init__(
+        self,
+        *,
+        ttl_s: int = 7 * 24 * 3600,
+        deadline_s: float | None = None,
+        submit_grace_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.ttl_s = ttl_s
+        self.deadline_s = deadline_s
+        self.submit_grace_s = submit_grace_s
+        self.clock = clock
+        #: the due index: job id -> when its progress is overdue
+        self.due_at: dict[str, float] = {}
         self.jobs: dict[str, StoredJob] = {}
         #: job id -> TTL given to it (set when a job becomes final, as Redis EXPIRE would)
         self.ttls: dict[str, int] = {}
         #: (job id, status) for every write, as published on the events channel
         self.events: list[tuple[str, str]] = []
-        self.idempotency: dict[str, str] = {}
+        self.idempotency: dict[str, tuple[str, str]] = {}
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def get(self, job_id: str) -> StoredJob | None:
-        """The job, or None when unknown."""
+        """The job (read at the twin's clock), or None when unknown."""
         with self._lock:
-            return self.jobs.get(job_id)
+            job = self.jobs.get(job_id)
+        return None if job is None else replace(job, read_at=self.clock())
 
     def load(self, job_id: str) -> StoredJob:
         """The job; JobNotFoundError when unknown."""
@@ -55,11 +80,14 @@ class InMemoryJobStore:
     ) -> tuple[StoredJob, bool]:
         """The one way a job is born; an existing job is returned unchanged."""
         job = new_job(job_id, request, status=status, error=error, now=now or utcnow())
+        job = replace(job, read_at=self.clock(), created_ts=self.clock())
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
-                return existing, False
+                return replace(existing, read_at=self.clock()), False
             self._write(job)
+            if expects_progress(job):
+                self.due_at[job_id] = self.clock() + self.submit_grace_s
             return job, True
 
     def create_many(
@@ -83,7 +111,20 @@ class InMemoryJobStore:
             if current is None or current.version != job.version:
                 return None
             self._write(after)
+            self._move_due(after, change)
             return after
+
+    def _move_due(self, after: StoredJob, change: JobChange) -> None:
+        """update.lua's due-index rule, on the twin's clock."""
+        if not expects_progress(after) or change.due_in is None:
+            self.due_at.pop(after.id, None)
+            return
+        if isinstance(change.due_in, Unchanged):
+            return
+        due = self.clock() + max(0.0, change.due_in)
+        if self.deadline_s and after.status in GENERATING:
+            due = min(due, after.born_at + self.deadline_s)
+        self.due_at[after.id] = due
 
     def _write(self, job: StoredJob) -> None:
         self.jobs[job.id] = job
@@ -92,15 +133,13 @@ class InMemoryJobStore:
         self.events.append((job.id, job.status.value))
 
     def claim_idempotency_key(self, key: str, job_id: str, request: JobRequest) -> str:
-        """Bind ``key`` to ``job_id``, or name the earlier job; conflict on another request."""
+        """Bind ``key`` to ``job_id`` and the request's hash; conflict on another request."""
+        rhash = request_hash(request)
         with self._lock:
-            existing_id = self.idempotency.setdefault(key, job_id)
-            existing = self.jobs.get(existing_id)
-        if existing_id == job_id:
-            return job_id
-        if existing is not None and existing.rhash and existing.rhash != request_hash(request):
-            raise IdempotencyConflictError(key, existing_id)
-        return existing_id
+            held_id, held_hash = self.idempotency.setdefault(key, (job_id, rhash))
+        if held_hash != rhash:
+            raise IdempotencyConflictError(key, held_id)
+        return held_id
 
     def incr_stat(self, name: str, amount: int = 1) -> None:
         """Bump a service-wide counter."""
@@ -116,3 +155,26 @@ class InMemoryJobStore:
         """How many jobs are not final."""
         with self._lock:
             return sum(1 for job in self.jobs.values() if not job.status.is_terminal)
+
+    def now(self) -> float:
+        """The twin's clock."""
+        return self.clock()
+
+    def due(self, now: float, limit: int) -> list[tuple[str, float]]:
+        """Overdue jobs, most overdue first."""
+        with self._lock:
+            rows = sorted((at, job_id) for job_id, at in self.due_at.items() if at <= now)
+        return [(job_id, at) for at, job_id in rows[:limit]]
+
+    def due_count(self, now: float) -> int:
+        """How many jobs are overdue."""
+        with self._lock:
+            return sum(1 for at in self.due_at.values() if at <= now)
+
+    def set_due(self, job_id: str, at: float | None) -> None:
+        """Move or drop a job's due time (never re-adds one)."""
+        with self._lock:
+            if at is None:
+                self.due_at.pop(job_id, None)
+            elif job_id in self.due_at:
+                self.due_at[job_id] = at

@@ -126,6 +126,11 @@ class StoredJob:
     attempt: int = 0
     since: float = 0.0
     rhash: str = ""
+    #: the store's clock (Redis TIME) when this copy was read: leases, due times and ages
+    #: are compared with it, never with a worker's own clock
+    read_at: float = 0.0
+    #: the store's clock at the job's birth
+    created_ts: float = 0.0
 
     @property
     def id(self) -> str:
@@ -137,16 +142,29 @@ class StoredJob:
         """The job's status."""
         return self.record.status
 
+    @property
+    def born_at(self) -> float:
+        """The job's birth on the store's clock (the record's created_at for old records)."""
+        return self.created_ts or self.record.created_at.timestamp()
+
+    @property
+    def age_s(self) -> float:
+        """Seconds since the job's birth when it was read, by the store's clock."""
+        return self.read_at - self.born_at
+
 
 @dataclass(frozen=True, kw_only=True)
 class JobChange:
     """One compare-and-set write. Each field is a new value or UNCHANGED.
 
-    ``seq``, ``outbox``, ``lease``, ``attempt`` and ``since`` are bookkeeping beside the
-    record; the rest are :class:`~api_contracts.jobs.JobRecord` fields.
+    ``due_in``, ``seq``, ``outbox``, ``lease``, ``attempt`` and ``since`` are bookkeeping
+    beside the record; the rest are :class:`~api_contracts.jobs.JobRecord` fields.
     """
 
     status: Maybe[JobStatus] = UNCHANGED
+    #: seconds from now (Redis TIME) until the job's next progress is overdue; None: nothing
+    #: is expected any more. UNCHANGED keeps the current due time.
+    due_in: Maybe[float | None] = UNCHANGED
     seq: Maybe[int] = UNCHANGED
     outbox: Maybe[Outbox | None] = UNCHANGED
     lease: Maybe[Lease | None] = UNCHANGED
@@ -176,9 +194,24 @@ _RECORD_FIELDS: Final = (
     "webhook",
     "notes",
 )
-assert set(_RECORD_FIELDS) | {"status", "seq", "outbox", "lease", "attempt", "since"} == {
-    f.name for f in fields(JobChange)
-}
+_BOOKKEEPING: Final = {"status", "due_in", "seq", "outbox", "lease", "attempt", "since"}
+assert set(_RECORD_FIELDS) | _BOOKKEEPING == {f.name for f in fields(JobChange)}
+
+
+#: Statuses in which the job deadline (JOB_DEADLINE_S) applies: upstream has not finished.
+GENERATING: Final = frozenset({S.QUEUED, S.SUBMITTING, S.IN_QUEUE, S.IN_PROGRESS})
+
+
+def webhook_pending(job: StoredJob) -> bool:
+    """Does the job still owe its producer a webhook?"""
+    info = job.record.webhook
+    return info is not None and info.state == "pending"
+
+
+def expects_progress(job: StoredJob) -> bool:
+    """Should the due index hold this job? Every non-final job, and final ones still owing
+    a webhook."""
+    return not job.status.is_terminal or webhook_pending(job)
 
 
 def _pick(new: Maybe[T], old: T) -> T:
@@ -211,6 +244,8 @@ def apply_change(job: StoredJob, change: JobChange, *, now: datetime) -> StoredJ
         attempt=_pick(change.attempt, job.attempt),
         since=_pick(change.since, job.since),
         rhash=job.rhash,
+        read_at=job.read_at,
+        created_ts=job.created_ts,
     )
 
 
@@ -239,4 +274,6 @@ def new_job(
         record=record,
         version=1,
         rhash=request_hash(request) if request is not None else "",
+        read_at=now.timestamp(),
+        created_ts=now.timestamp(),
     )

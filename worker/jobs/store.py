@@ -33,6 +33,7 @@ import redis
 
 from api_contracts.jobs import JobError, JobRecord, JobRequest, JobStatus
 from worker.constants import (
+    DUE_KEY,
     EVENTS_CHANNEL_PREFIX,
     IDEMPOTENCY_KEY_PREFIX,
     INFLIGHT_KEY,
@@ -41,11 +42,14 @@ from worker.constants import (
 )
 from worker.errors import IdempotencyConflictError, JobNotFoundError, TransitionRefusedError
 from worker.jobs.state import (
+    GENERATING,
     JobChange,
     Lease,
     Outbox,
     StoredJob,
+    Unchanged,
     apply_change,
+    expects_progress,
     new_job,
     request_hash,
     utcnow,
@@ -110,6 +114,24 @@ class JobStore(Protocol):
         """How many jobs are not final."""
         ...
 
+    def now(self) -> float:
+        """The store's clock (Redis TIME): the one clock due times are compared with."""
+        ...
+
+    def due(self, now: float, limit: int) -> list[tuple[str, float]]:
+        """Up to ``limit`` jobs whose progress is overdue at ``now``: (job id, due time),
+        most overdue first. Costs O(log N + limit), never a scan of all jobs."""
+        ...
+
+    def due_count(self, now: float) -> int:
+        """How many jobs are overdue at ``now``."""
+        ...
+
+    def set_due(self, job_id: str, at: float | None) -> None:
+        """Move a job's due time to ``at`` (None: out of the index). Only for a job in the
+        index: a job that left it meanwhile stays out."""
+        ...
+
 
 def job_key(job_id: str) -> str:
     """Redis key of a job's hash."""
@@ -121,24 +143,41 @@ def events_channel(job_id: str) -> str:
     return EVENTS_CHANNEL_PREFIX + job_id
 
 
-def _script(name: str) -> str:
+def script(name: str) -> str:
+    """The text of one of ``worker/jobs/scripts/*.lua``."""
     return resources.files("worker.jobs").joinpath("scripts", name).read_text(encoding="utf-8")
 
 
 class RedisJobStore:
     """:class:`JobStore` on Redis: one hash per job, Lua compare-and-set writes."""
 
-    def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        ttl_s: int,
+        deadline_s: float | None = None,
+        submit_grace_s: float = 300.0,
+    ) -> None:
         self.redis = client
         self.ttl_s = ttl_s
-        self._update = client.register_script(_script("update.lua"))
-        self._create = client.register_script(_script("create.lua"))
+        self.deadline_s = deadline_s
+        self.submit_grace_s = submit_grace_s
+        self._update = client.register_script(script("update.lua"))
+        self._create = client.register_script(script("create.lua"))
+        self._claim = client.register_script(script("claim.lua"))
 
     # ---------------------------------------------------------------- reads
     def get(self, job_id: str) -> StoredJob | None:
-        """The job, or None when unknown or expired."""
-        raw = self.redis.hgetall(job_key(job_id))
-        return decode_job({_text(k): _text(v) for k, v in raw.items()}) if raw else None
+        """The job (with Redis TIME as ``read_at``, in the same round trip), or None."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(job_key(job_id))
+            pipe.time()
+            raw, (seconds, micros) = pipe.execute()
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return decode_job(fields, read_at=float(seconds) + float(micros) / 1e6)
 
     def load(self, job_id: str) -> StoredJob:
         """The job; JobNotFoundError when unknown or expired."""
@@ -193,6 +232,8 @@ class RedisJobStore:
                 "1" if final else "0",
                 job.id,
                 after.status.value,
+                _due_arg(after, change),
+                str(self.deadline_s) if self.deadline_s and after.status in GENERATING else "",
                 *_flatten(encode_job(after)),
             ],
         )
@@ -206,23 +247,26 @@ class RedisJobStore:
             str(job.record.created_at.timestamp()),
             job.id,
             job.status.value,
+            str(self.submit_grace_s) if expects_progress(job) else "",
             *_flatten(encode_job(job)),
         ]
 
     # ---------------------------------------------------------------- idempotency
     def claim_idempotency_key(self, key: str, job_id: str, request: JobRequest) -> str:
-        """Bind ``key`` to ``job_id`` (SET NX; see :meth:`JobStore.claim_idempotency_key`)."""
-        idem_key = IDEMPOTENCY_KEY_PREFIX + key
-        if self.redis.set(idem_key, job_id, nx=True, ex=self.ttl_s):
-            return job_id
-        existing = self.redis.get(idem_key)
-        if existing is None:  # expired between the two calls: try once more
-            return self.claim_idempotency_key(key, job_id, request)
-        existing_id = _text(existing)
-        job = self.get(existing_id)
-        if job is not None and job.rhash and job.rhash != request_hash(request):
-            raise IdempotencyConflictError(key, existing_id)
-        return existing_id
+        """Bind ``key`` to ``job_id`` and the request's hash in one step (``claim.lua``), so
+        two producers (or two entries of one batch) with one key and different requests
+        always conflict, whichever creates its job first."""
+        rhash = request_hash(request)
+        held = _text(
+            self._claim(keys=[IDEMPOTENCY_KEY_PREFIX + key], args=[f"{job_id}|{rhash}", self.ttl_s])
+        )
+        held_id, _, held_hash = held.partition("|")
+        if not held_hash:  # bound by an older release: only the job id is stored
+            job = self.get(held_id)
+            held_hash = job.rhash if job is not None else rhash
+        if held_hash != rhash:
+            raise IdempotencyConflictError(key, held_id)
+        return held_id
 
     # ---------------------------------------------------------------- figures
     def incr_stat(self, name: str, amount: int = 1) -> None:
@@ -236,6 +280,28 @@ class RedisJobStore:
     def in_flight(self) -> int:
         """How many jobs are not final."""
         return int(self.redis.zcard(INFLIGHT_KEY))
+
+    # ---------------------------------------------------------------- due index
+    def now(self) -> float:
+        """Redis TIME, in epoch seconds."""
+        seconds, micros = self.redis.time()
+        return float(seconds) + float(micros) / 1e6
+
+    def due(self, now: float, limit: int) -> list[tuple[str, float]]:
+        """Overdue jobs (ZRANGEBYSCORE with a LIMIT)."""
+        rows = self.redis.zrangebyscore(DUE_KEY, "-inf", now, start=0, num=limit, withscores=True)
+        return [(_text(row[0]), float(row[1])) for row in rows if isinstance(row, tuple | list)]
+
+    def due_count(self, now: float) -> int:
+        """How many jobs are overdue."""
+        return int(self.redis.zcount(DUE_KEY, "-inf", now))
+
+    def set_due(self, job_id: str, at: float | None) -> None:
+        """Move (XX: never re-add) or drop a job's due time."""
+        if at is None:
+            self.redis.zrem(DUE_KEY, job_id)
+        else:
+            self.redis.zadd(DUE_KEY, {job_id: at}, xx=True)
 
 
 def encode_job(job: StoredJob) -> dict[str, str]:
@@ -254,8 +320,8 @@ def encode_job(job: StoredJob) -> dict[str, str]:
     }
 
 
-def decode_job(f: Mapping[str, str]) -> StoredJob:
-    """A job from its hash fields."""
+def decode_job(f: Mapping[str, str], *, read_at: float = 0.0) -> StoredJob:
+    """A job from its hash fields, read at ``read_at`` (Redis TIME)."""
     owner = f.get("lease_owner", "")
     return StoredJob(
         record=JobRecord.model_validate_json(f["record"]),
@@ -266,11 +332,22 @@ def decode_job(f: Mapping[str, str]) -> StoredJob:
         attempt=int(f.get("attempt") or 0),
         since=float(f.get("since") or 0),
         rhash=f.get("rhash", ""),
+        read_at=read_at,
+        created_ts=float(f.get("created_ts") or 0),
     )
 
 
 def _keys(job_id: str) -> list[str]:
-    return [job_key(job_id), INFLIGHT_KEY, events_channel(job_id)]
+    return [job_key(job_id), INFLIGHT_KEY, events_channel(job_id), DUE_KEY]
+
+
+def _due_arg(after: StoredJob, change: JobChange) -> str:
+    """update.lua's "due in" argument: out of the index once nothing is expected any more."""
+    if not expects_progress(after) or change.due_in is None:
+        return "-"
+    if isinstance(change.due_in, Unchanged):
+        return ""
+    return repr(max(0.0, change.due_in))
 
 
 def _flatten(fields: Mapping[str, str]) -> list[str]:

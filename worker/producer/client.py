@@ -139,6 +139,7 @@ class Client:
             self._runtime.store,
             make_publisher(self._app),
             max_countdown_s=settings.max_countdown_s,
+            grace_s=settings.reconcile.grace_s,
         )
 
     @classmethod

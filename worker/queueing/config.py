@@ -73,6 +73,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             if settings.redis.url.startswith("redis://")
             else None
         ),
+        # Dead-letters (and acks) every message it cannot turn into a runnable task, instead of
+        # leaving it in `unacked` (see worker/queueing/consumer.py).
+        "worker_consumer": "worker.queueing.consumer:Consumer",
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,

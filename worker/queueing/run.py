@@ -17,10 +17,14 @@ from celery import signals
 from api_contracts.messages import ALL_QUEUES
 from worker.errors import ConfigError
 from worker.health import install_heartbeat
+from worker.jobs.handoff import Handoff, Publisher
+from worker.jobs.reconcile import ReconcileLoop, Reconciler, redis_lock
 from worker.logs import configure_logging
 from worker.metrics import start_metrics_server
 from worker.queueing.config import ServiceCelery, celery_config
+from worker.queueing.publish import make_publisher
 from worker.queueing.tasks import register_tasks
+from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
 
 DEFAULT_POOL = "threads"
@@ -63,17 +67,53 @@ def create_app(settings: Settings | None = None) -> ServiceCelery:
     app.conf.update(celery_config(settings))
     register_tasks(app)
     _connect_runtime_signals(app)
+    _connect_reconciler(app)
     return app
+
+
+def make_reconciler(rt: Runtime, publish: Publisher) -> Reconciler:
+    """A reconciler over this Runtime's store, publishing through ``publish``."""
+    settings = rt.settings
+    return Reconciler(
+        Handoff(
+            rt.store,
+            publish,
+            max_countdown_s=settings.max_countdown_s,
+            grace_s=settings.reconcile.grace_s,
+        ),
+        lambda: rt.runcomfy,
+        deadline_s=settings.job.deadline_s,
+        interval_s=settings.reconcile.interval_s,
+        batch=settings.reconcile.batch,
+    )
+
+
+def _connect_reconciler(app: ServiceCelery) -> None:
+    """Every worker runs the reconcile loop; the Redis lock lets one pass run at a time."""
+    loops: list[ReconcileLoop] = []
+
+    def start(**_: Any) -> None:
+        rt = Runtime(app.settings)  # its own clients: the loop lives in the main process
+        loop = ReconcileLoop(make_reconciler(rt, make_publisher(app)), redis_lock(rt.redis))
+        loops.append(loop)
+        loop.start()
+
+    def stop(**_: Any) -> None:
+        for loop in loops:
+            loop.stop()
+
+    signals.worker_ready.connect(start, weak=False)
+    signals.worker_shutdown.connect(stop, weak=False)
 
 
 def _connect_runtime_signals(app: ServiceCelery) -> None:
     def on_process_init(**_: Any) -> None:
-        app.runtime.store  # noqa: B018 - build clients in the child, after the fork
+        app.runtime.build_all()  # in the child, after the fork
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
         if "prefork" not in str(pool):
-            app.runtime.store  # noqa: B018
+            app.runtime.build_all()
 
     def on_shutdown(**_: Any) -> None:
         app.close_runtime()
@@ -110,10 +150,28 @@ def worker_app(settings: Settings) -> ServiceCelery:
     return app
 
 
+def check_worker_settings(settings: Settings) -> None:
+    """What a worker cannot run without (a producer can): ConfigError naming each variable."""
+    problems = []
+    if not settings.webhook.secret:
+        problems.append("WEBHOOK_SECRET: required by a worker (it signs every webhook)")
+    if settings.runcomfy.api_token is None or not settings.runcomfy.api_token.get_secret_value():
+        problems.append("RUNCOMFY_API_TOKEN: required by a worker (it calls RunComfy)")
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def load_worker_settings() -> Settings:
+    """Settings for a worker process: the environment, checked for what a worker needs."""
+    settings = load_settings()
+    check_worker_settings(settings)
+    return settings
+
+
 def run_worker(extra: list[str]) -> int:
-    """Run ``celery worker`` in this process; returns its exit code."""
+    """Run ``celery worker`` in this process; returns its exit code (2: bad configuration)."""
     try:
-        settings = load_settings()
+        settings = load_worker_settings()
     except ConfigError as exc:
         click.echo(f"runcomfy-worker: {exc}", err=True)
         return 2

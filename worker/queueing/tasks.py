@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, ValidationError
 
 from api_contracts.errors import ErrorCode
-from api_contracts.jobs import JOB_ID_PATTERN
+from api_contracts.jobs import JOB_ID_PATTERN, JobError, JobStatus
 from api_contracts.messages import (
     TASK_ARCHIVE,
     TASK_CANCEL,
@@ -30,6 +31,8 @@ from api_contracts.messages import (
     SubmitMessage,
 )
 from worker import metrics
+from worker.errors import TransitionRefusedError
+from worker.jobs import decisions
 from worker.jobs.handoff import Handoff, Outcome, Publisher, StepResult
 from worker.jobs.steps import StepContext
 from worker.jobs.steps.archive import archive
@@ -45,7 +48,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: Broker or store unreachable: the task is retried as it is (Celery autoretry).
+_REDIS_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    KombuOperationalError,
+)
+#: Unexpected exceptions in a step are retried this often (backoff), then the job fails.
+MAX_STEP_RETRIES: Final = 5
+#: A step that lost its compare-and-set runs again this often (it re-reads the job and goes
+#: on only if its message is still the current one).
+LOST_RACE_RERUNS: Final = 2
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -58,7 +71,12 @@ def step_context(rt: Runtime, publish: Publisher) -> StepContext:
     return StepContext(
         settings=rt.settings,
         store=rt.store,
-        handoff=Handoff(rt.store, publish, max_countdown_s=rt.settings.max_countdown_s),
+        handoff=Handoff(
+            rt.store,
+            publish,
+            max_countdown_s=rt.settings.max_countdown_s,
+            grace_s=rt.settings.reconcile.grace_s,
+        ),
         services=rt,
     )
 
@@ -153,13 +171,40 @@ TASKS: dict[str, TaskBody] = {
 }
 
 
+def run_body(ctx: StepContext, name: str, task_id: str, args: Any, kwargs: Any) -> StepResult:
+    """Run a task body; a step that lost a race runs again (submit settles its own races:
+    running it again after its POST could post twice)."""
+    result = TASKS[name](ctx, task_id, args, kwargs)
+    reruns = 0 if name == TASK_SUBMIT else LOST_RACE_RERUNS
+    for _ in range(reruns):
+        if result.outcome != Outcome.LOST_RACE:
+            break
+        result = TASKS[name](ctx, task_id, args, kwargs)
+    return result
+
+
+def fail_after_errors(
+    ctx: StepContext, name: str, job_id: str | None, exc: BaseException
+) -> StepResult:
+    """A step kept raising: fail its job with internal_error naming the exception class."""
+    if job_id is None:
+        return StepResult(Outcome.FAILED)
+    job = ctx.store.get(job_id)
+    if job is None or job.status.is_terminal:
+        return StepResult(Outcome.FAILED, job_id)
+    message = f"{name} kept raising {type(exc).__name__} ({MAX_STEP_RETRIES} retries)"
+    error = JobError(code=ErrorCode.INTERNAL_ERROR, message=message)
+    ctx.handoff.finish(job, JobStatus.FAILED, error)
+    return StepResult(Outcome.FAILED, job_id)
+
+
 def register_tasks(app: ServiceCelery) -> None:
     """Register every task on ``app`` under its contract name."""
     for name, body in TASKS.items():
         _register(app, name, body)
 
 
-def _register(app: ServiceCelery, name: str, body: TaskBody) -> None:
+def _register(app: ServiceCelery, name: str, _body: TaskBody) -> None:
     @app.task(
         shared=False,
         name=name,
@@ -172,4 +217,20 @@ def _register(app: ServiceCelery, name: str, body: TaskBody) -> None:
     )
     def run_task(self: Any, *args: Any, **kwargs: Any) -> str:
         ctx = step_context(app.runtime, make_publisher(app))
-        return body(ctx, str(self.request.id), args, kwargs).outcome.value
+        try:
+            return run_body(ctx, name, str(self.request.id), args, kwargs).outcome.value
+        except _REDIS_ERRORS:
+            raise  # autoretry_for: the same message again, later
+        except TransitionRefusedError as exc:
+            # The job moved on under this step: nothing to do; the store knows what is next.
+            log.info("job moved on: %s", exc)
+            return Outcome.STALE.value
+        except Exception as exc:
+            metrics.STEP_ERRORS.labels(name, type(exc).__name__).inc()
+            retries = int(self.request.retries or 0)
+            if retries < MAX_STEP_RETRIES:
+                delay = decisions.backoff(retries + 1, ctx.rng.random())
+                log.exception("%s raised; retry %d in %.1fs", name, retries + 1, delay)
+                raise self.retry(exc=exc, countdown=delay, max_retries=MAX_STEP_RETRIES) from exc
+            log.exception("%s kept raising; failing the job", name)
+            return fail_after_errors(ctx, name, job_id_from(args, kwargs), exc).outcome.value

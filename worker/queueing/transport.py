@@ -1,48 +1,199 @@
-"""kombu's Redis transport, hardened: a message that is not a valid envelope is dropped with
-an error log instead of stopping the worker.
+"""kombu's Redis transport, hardened: a popped item that is not a valid kombu envelope is
+dead-lettered (see :mod:`worker.queueing.dead_letters`) instead of stopping the worker, and
+nothing a consumer callback raises can leave a message in ``unacked``.
 
-Upstream kombu decodes each popped item inside the event loop (``_brpop_read``/``_get``); one
+Upstream kombu decodes each popped item inside the event loop (``_brpop_read``/``_get``); an
 item that is not JSON (a broken producer, a stray ``LPUSH``) raises there and Celery treats it
-as an unrecoverable error. The item is already popped at that point, so all we can do is say
-so loudly, count it, and carry on.
+as an unrecoverable error (celery/celery#1113, and kombu#2421 for the same on SQS). The item
+is already popped by then and was never in ``unacked``: the only copy left is the one we
+store as a dead letter.
+
+Messages that are valid envelopes but not runnable tasks are Celery's business; the worker's
+consumer (:mod:`worker.queueing.consumer`) dead-letters and acks those. This module records,
+while the consumer callback runs, which queue the message was popped from
+(``channel.delivering_queue``), so a dead letter can be requeued exactly where it came from.
+
+The previous version of this module caught ``TypeError``/``ValueError``/``KeyError`` around
+the whole ``_brpop_read``, which includes the consumer callback: a message Celery choked on
+was logged as "dropped" but stayed in ``unacked`` (``qos.append`` runs before the callback),
+holding a prefetch slot for good and poisoning the next worker after the visibility timeout.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 from worker import metrics
+from worker.queueing import dead_letters
 
 log = logging.getLogger(__name__)
 
-_BAD_ENVELOPE = (ValueError, KeyError, TypeError, AttributeError)
+#: Name of the channel attribute holding the queue of the message being delivered.
+DELIVERING_QUEUE_ATTR = "delivering_queue"
+
+#: What decoding an item or building a kombu Message from it raises when it is not a valid
+#: envelope (JSON errors are ValueErrors; bad base64 is binascii.Error, a ValueError).
+_BAD_ENVELOPE = (ValueError, KeyError, TypeError, AttributeError, IndexError)
 
 
-def _dropped(exc: BaseException) -> None:
-    metrics.MALFORMED_MESSAGES.labels("envelope").inc()
-    log.error("dropped a broker message that is not a valid Celery envelope: %r", exc)
+def _envelope(payload: object) -> dict[str, Any]:
+    """``payload`` if it has what kombu's Redis channel needs to deliver and ack it."""
+    if not isinstance(payload, dict):
+        raise TypeError(f"envelope is a {type(payload).__name__}, not an object")
+    properties = payload.get("properties")
+    if not isinstance(properties, dict) or not properties.get("delivery_tag"):
+        raise KeyError("properties.delivery_tag")
+    info = properties.get("delivery_info")
+    # kombu's QoS.append reads delivery_info['exchange'] / ['routing_key'] to store it unacked
+    if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
+        raise KeyError("properties.delivery_info.exchange/routing_key")
+    return payload
 
 
 class Channel(kombu_redis.Channel):
-    """Redis channel that survives undecodable messages."""
+    """Redis channel that dead-letters undecodable items."""
 
+    #: The queue of the message whose consumer callback is running, else None
+    #: (read by :func:`worker.queueing.consumer.delivery_queue`).
+    delivering_queue: str | None = None
+
+    # ------------------------------------------------------------------ decoding
     def _brpop_read(self, **options: Any) -> Any:
+        """kombu 5.7's ``_brpop_read`` with the decoding guarded (kept line for line otherwise)."""
+        chan: Any = self  # kombu's private attributes are not in its stubs
         try:
-            return super()._brpop_read(**options)  # type: ignore[misc]
-        except _BAD_ENVELOPE as exc:
-            _dropped(exc)
+            try:
+                client = chan.client
+                dest__item = client.parse_response(client.connection, "BRPOP", **options)
+            except chan.connection_errors:
+                # if there's a ConnectionError, disconnect so the next
+                # iteration will reconnect automatically.
+                chan.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(chan.sep, 1)[0]
+            chan._queue_cycle.rotate(dest)
+            payload = self._decode(dest, item)
+            if payload is not None:
+                chan.connection._deliver(payload, dest)
             return True
+        finally:
+            chan._in_poll = None
+            flush = getattr(chan, "_flush_brpop_reauth", None)  # kombu >= 5.7
+            if flush is not None:
+                flush()
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
+        """kombu's ``_get`` (polling, ``basic_get``) with the decoding guarded."""
+        chan: Any = self
+        with chan.conn_or_acquire() as client:
+            for pri in chan.priority_steps:
+                item = client.rpop(chan._q_for_pri(queue, pri))
+                if item:
+                    chan._maybe_update_queues_expire(client, queue)
+                    payload = self._decode(queue, item)
+                    if payload is None:
+                        raise Empty()
+                    return payload
+            chan._maybe_update_queues_expire(client, queue)
+            raise Empty()
+
+    def _decode(self, queue: str, item: bytes | str) -> dict[str, Any] | None:
+        """The envelope in ``item``, or None after dead-lettering it."""
         try:
-            return super()._get(queue)
+            return _envelope(loads(bytes_to_str(item)))
         except _BAD_ENVELOPE as exc:
-            _dropped(exc)
-            raise Empty() from None
+            self._dead_letter(queue, item, exc)
+            return None
+
+    def _dead_letter(
+        self, queue: str, raw: bytes | str | dict[str, Any], exc: BaseException
+    ) -> None:
+        metrics.MALFORMED_MESSAGES.labels("envelope").inc()
+        text: bytes | str = raw if isinstance(raw, bytes | str) else _dumps(raw)
+        detail = f"not a kombu envelope: {type(exc).__name__}: {exc}"
+        try:
+            with self.conn_or_acquire() as client:
+                dead_letters.record(client, "undecodable_envelope", queue, text, detail)
+        except Exception:
+            # The item is already popped: this log line is all that is left of it.
+            log.exception(
+                "dropped an undecodable message from %s (could not store the dead letter): %r",
+                queue,
+                text[:1024],
+            )
+
+    # ------------------------------------------------------------------ delivering
+    def basic_consume(
+        self,
+        queue: str,
+        no_ack: bool,
+        callback: Callable[..., Any] | None,
+        consumer_tag: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        """kombu's ``basic_consume``, with a delivery callback that never leaves a message
+        unacked because the consumer raised, and that records the queue while it runs."""
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        if callback is None:
+            return result
+        chan: Any = self
+        transport = chan.connection
+        connection_errors = (*transport.connection_errors, *transport.channel_errors)
+
+        def _callback(raw_message: dict[str, Any]) -> Any:
+            try:
+                message = chan.Message(raw_message, channel=self)
+            except _BAD_ENVELOPE as exc:  # e.g. a body that is not base64: never in unacked
+                self._dead_letter(queue, raw_message, exc)
+                return None
+            if not no_ack:
+                chan.qos.append(message, message.delivery_tag)
+            self.delivering_queue = queue
+            try:
+                return callback(message)
+            except connection_errors:
+                raise
+            except Exception as exc:
+                # The worker's consumer dead-letters what Celery cannot run; this is the net
+                # under it (and under any other consumer): never a poison message in unacked.
+                log.exception("a consumer raised on a message from %s; dead-lettering it", queue)
+                self._dead_letter_delivered(queue, message, no_ack, exc)
+                return None
+            finally:
+                self.delivering_queue = None
+
+        chan.connection._callbacks[queue] = _callback
+        return result
+
+    def _dead_letter_delivered(
+        self, queue: str, message: Any, no_ack: bool, exc: BaseException
+    ) -> None:
+        detail = f"{type(exc).__name__}: {exc}"
+        try:
+            with self.conn_or_acquire() as client:
+                dead_letters.record(client, "internal_error", queue, _dumps(message._raw), detail)
+        except Exception:
+            log.exception("could not store a dead letter; the message stays unacked")
+            return
+        if not no_ack and not message.acknowledged:
+            message.ack()
+
+
+def _dumps(value: object) -> str:
+    try:
+        return str(dumps(value))
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 class Transport(kombu_redis.Transport):

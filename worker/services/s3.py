@@ -6,10 +6,14 @@ response into one part-sized buffer, hashed on the way, and sent as a single ``P
 (bodies up to one part) or as a multipart upload (larger ones). Running ``archive_one`` twice
 for the same output finds the first copy by its metadata and returns it without downloading.
 
+A download has a total deadline besides the client's per-read timeouts, so a server that
+trickles bytes cannot hold a worker; and the size limit counts bytes after content decoding,
+which is done here in bounded steps so a small gzip body cannot expand in memory at once.
+
 Errors are classified here, once: download failures become :class:`DownloadError` (retryable
-or not), oversized outputs :class:`OutputTooLargeError`, and every S3 failure
-:class:`StorageError`. :class:`TargetForbiddenError` from the caller's SSRF-guarded client
-passes through untouched.
+or not; a download over its deadline is retryable), oversized outputs
+:class:`OutputTooLargeError`, and every S3 failure :class:`StorageError`.
+:class:`TargetForbiddenError` from the caller's SSRF-guarded client passes through untouched.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ import io
 import logging
 import posixpath
 import re
+import socket
+import threading
+import time
+import zlib
 from typing import TYPE_CHECKING, Final, Literal
 from urllib.parse import quote, urlsplit
 
@@ -32,10 +40,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from api_contracts.jobs import ArchivedOutput, OutputKind
 from worker.constants import MAX_IMAGE_BYTES, MAX_VIDEO_BYTES
 from worker.errors import DownloadError, OutputTooLargeError, StorageError
-from worker.settings import S3Settings
+from worker.settings import RunComfySettings, S3Settings
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from _typeshed import WriteableBuffer
     from mypy_boto3_s3 import S3Client
@@ -107,6 +115,21 @@ _URL_SAFE: Final = "!#$&'()*+,/:;=?@[]~%-._"
 # Error codes with which S3-compatible servers refuse the x-amz-checksum-* headers.
 _CHECKSUM_REFUSED: Final = frozenset({"NotImplemented", "InvalidArgument", "InvalidRequest"})
 _NOT_FOUND_STATUSES: Final = frozenset({403, 404, 410})
+#: A download's total deadline when neither the caller nor the HTTP client sets one.
+DEFAULT_DOWNLOAD_DEADLINE_S: Final[float] = RunComfySettings.model_fields[
+    "download_timeout_s"
+].default
+# Asked for explicitly: httpx would otherwise advertise whatever decoders happen to be
+# installed (br, zstd), and only these are decoded here.
+_ACCEPT_ENCODING: Final = "gzip, deflate"
+_ZLIB_WBITS: Final = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
+# Most bytes one decompression step may produce. Deflate expands up to ~1000:1 and codings
+# stack ("gzip, gzip"), so decoding a whole network read at once could need gigabytes.
+_DECODE_STEP: Final = 256 * 1024
 
 
 def object_key(prefix: str, job_id: str, index: int, ext: str) -> str:
@@ -161,11 +184,25 @@ def make_s3_client(settings: S3Settings) -> S3Client:
 class Archiver:
     """Streams upstream outputs into one S3 bucket and presigns them."""
 
-    def __init__(self, s3: S3Client, settings: S3Settings, http: httpx.Client) -> None:
+    def __init__(
+        self,
+        s3: S3Client,
+        settings: S3Settings,
+        http: httpx.Client,
+        *,
+        download_deadline_s: float | None = None,
+    ) -> None:
         self._s3 = s3
         self._settings = settings
         self._bucket = settings.bucket
         self._http = http
+        # The runtime's download client has RUNCOMFY_DOWNLOAD_TIMEOUT_S as its read timeout;
+        # that setting is documented as the time one file may take, so it is the deadline.
+        if download_deadline_s is None:
+            download_deadline_s = http.timeout.read or DEFAULT_DOWNLOAD_DEADLINE_S
+        if not download_deadline_s > 0:
+            raise ValueError(f"download_deadline_s must be positive, not {download_deadline_s}")
+        self._deadline_s = download_deadline_s
         # Flipped off the first time the endpoint refuses x-amz-checksum-sha256.
         self._checksums = True
 
@@ -183,15 +220,22 @@ class Archiver:
             return found
         limit = max_bytes_for(kind)
         shown_url = _redact(source_url)
+        deadline = _Deadline(self._deadline_s, shown_url)
         try:
-            with self._http.stream("GET", source_url) as response:
+            with (
+                self._http.stream(
+                    "GET", source_url, headers={"Accept-Encoding": _ACCEPT_ENCODING}
+                ) as response,
+                deadline.watching(response),
+            ):
                 _check_response(response, shown_url, limit)
                 upstream_type = _clean_content_type(response.headers.get("content-type"))
                 ext = extension_for(upstream_type, kind, source_url)
                 key = object_key(self._settings.prefix, job_id, index, ext)
                 if key != guessed_key:
                     # The body is not read yet: closing the response costs only the headers.
-                    found = self._find_existing(key, job_id, index, kind, source_url)
+                    with deadline.paused():
+                        found = self._find_existing(key, job_id, index, kind, source_url)
                     if found is not None:
                         return found
                 content_type = upstream_type or _MEDIA_TYPE_FOR_EXT[ext]
@@ -204,6 +248,7 @@ class Archiver:
                 )
                 size, sha256 = self._upload(
                     response,
+                    deadline,
                     key=key,
                     content_type=content_type,
                     metadata=metadata,
@@ -211,6 +256,8 @@ class Archiver:
                     shown_url=shown_url,
                 )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            if deadline.expired:
+                raise deadline.error() from exc
             raise _download_error(exc, shown_url) from exc
         log.info("archived %s (%d bytes) to s3://%s/%s", shown_url, size, self._bucket, key)
         return self._describe(
@@ -322,6 +369,7 @@ class Archiver:
     def _upload(
         self,
         response: httpx.Response,
+        deadline: _Deadline,
         *,
         key: str,
         content_type: str,
@@ -329,7 +377,7 @@ class Archiver:
         limit: int,
         shown_url: str,
     ) -> tuple[int, str]:
-        """Stream the response body to ``key``; returns (size, sha256 hex)."""
+        """Stream the (decoded) response body to ``key``; returns (size, sha256 hex)."""
         part_size = self._settings.part_size_bytes
         whole = hashlib.sha256()
         total = 0
@@ -342,7 +390,7 @@ class Archiver:
         filled = 0
         upload: _MultipartUpload | None = None
         try:
-            for chunk in response.iter_bytes():
+            for chunk in _decoded(response, deadline, shown_url):
                 total += len(chunk)
                 if total > limit:
                     raise OutputTooLargeError(
@@ -355,9 +403,10 @@ class Archiver:
                     # Only flush a full part once more data proves it is not the last one, so
                     # that a body of exactly one part still goes as a single PutObject.
                     if filled == part_size:
-                        if upload is None:
-                            upload = self._start_multipart(key, content_type, metadata)
-                        upload.send(memoryview(buf)[:filled])
+                        with deadline.paused():
+                            if upload is None:
+                                upload = self._start_multipart(key, content_type, metadata)
+                            upload.send(memoryview(buf)[:filled])
                         filled = 0
                     take = min(len(view), part_size - filled)
                     if filled + take > len(buf):
@@ -366,6 +415,8 @@ class Archiver:
                         buf[filled : filled + take] = view[:take]
                     filled += take
                     view = view[take:]
+            # The body is in: the connection may go back to the pool, so it must not be cut.
+            deadline.stop()
             if total == 0:
                 raise DownloadError(f"{shown_url} served an empty body", retryable=True)
             sha256 = whole.hexdigest()
@@ -484,6 +535,168 @@ class Archiver:
             _error_code(exc),
         )
         self._checksums = False
+
+
+class _Deadline:
+    """The total time one download may take, S3 calls made meanwhile not counted.
+
+    While the body is read, a watchdog thread shuts the connection's socket down when time
+    runs out: a read blocked on a silent server then ends at once, not after the client's
+    per-read timeout.
+    """
+
+    def __init__(self, seconds: float, shown_url: str) -> None:
+        self.seconds = seconds
+        self._shown_url = shown_url
+        self._cond = threading.Condition()
+        self._ends = time.monotonic() + seconds
+        self._paused_since: float | None = None
+        self._socket: socket.socket | None = None
+        self._expired = False
+        self._stopped = False
+
+    @property
+    def expired(self) -> bool:
+        """True once the deadline has passed (outside pauses) or the watchdog fired."""
+        with self._cond:
+            return self._expired or (
+                self._paused_since is None and not self._stopped and time.monotonic() >= self._ends
+            )
+
+    def error(self) -> DownloadError:
+        """The error that reports this deadline as exceeded (retryable)."""
+        return DownloadError(
+            f"downloading {self._shown_url} took longer than {self.seconds:g} s", retryable=True
+        )
+
+    def check(self) -> None:
+        """Raise :meth:`error` if the deadline has passed."""
+        if self.expired:
+            raise self.error()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Do not count the time spent in this block (S3 calls)."""
+        since = time.monotonic()
+        with self._cond:
+            outermost = self._paused_since is None
+            if outermost:
+                self._paused_since = since
+        try:
+            yield
+        finally:
+            if outermost:
+                with self._cond:
+                    self._ends += time.monotonic() - since
+                    self._paused_since = None
+                    self._cond.notify_all()
+
+    def stop(self) -> None:
+        """The body has been read: the watchdog must no longer touch the connection."""
+        with self._cond:
+            self._stopped = True
+            self._socket = None
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def watching(self, response: httpx.Response) -> Iterator[None]:
+        """Run the watchdog over ``response``'s connection; stopped before it is closed."""
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._cond:
+            self._socket = sock if isinstance(sock, socket.socket) else None
+        watchdog = threading.Thread(target=self._watch, name="download-deadline", daemon=True)
+        watchdog.start()
+        try:
+            yield
+        finally:
+            self.stop()
+            watchdog.join()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if self._paused_since is not None:
+                    self._cond.wait()
+                    continue
+                left = self._ends - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._expired = True
+                if self._socket is not None:
+                    # socket.socket's own shutdown, also for an SSLSocket: SSLSocket.shutdown
+                    # would tear down the TLS object under the thread still reading it.
+                    with contextlib.suppress(OSError):
+                        socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
+                return
+
+
+def _decoded(response: httpx.Response, deadline: _Deadline, shown_url: str) -> Iterator[bytes]:
+    """The response body, content codings undone in bounded steps, within ``deadline``."""
+    if response.is_stream_consumed:
+        # Read whole before it got here (a mock transport's answer); httpx decoded it then.
+        return _within(iter([response.content]), deadline)
+    listed = response.headers.get_list("content-encoding", split_commas=True)
+    codings = [c for c in (v.strip().lower() for v in listed) if c and c != "identity"]
+    unknown = [coding for coding in codings if coding not in _ZLIB_WBITS]
+    if unknown:
+        # As httpx does: storage servers put odd values here ("binary", "utf-8") on bodies
+        # that are not encoded at all.
+        log.warning("%s: ignoring unknown Content-Encoding %s", shown_url, ", ".join(unknown))
+    body: Iterator[bytes] = _within(response.iter_raw(), deadline)
+    # Codings are listed in the order they were applied: undo the last one first.
+    for coding in reversed(codings):
+        if coding in _ZLIB_WBITS:
+            body = _inflate(body, coding, shown_url)
+    return body
+
+
+def _within(chunks: Iterator[bytes], deadline: _Deadline) -> Iterator[bytes]:
+    """``chunks`` as read off the network, ended by ``deadline``'s error once it passes."""
+    try:
+        for chunk in chunks:
+            deadline.check()
+            yield chunk
+    except httpx.HTTPError as exc:
+        if deadline.expired:
+            raise deadline.error() from exc
+        raise
+    # A body framed by the connection's end looks complete when the watchdog cut it.
+    deadline.check()
+
+
+def _inflate(chunks: Iterable[bytes], coding: str, shown_url: str) -> Iterator[bytes]:
+    """Undo one gzip or deflate coding, yielding at most ``_DECODE_STEP`` bytes at a time."""
+    wbits = _ZLIB_WBITS[coding]
+    inflater = zlib.decompressobj(wbits)
+    started = False
+    for chunk in chunks:
+        pending = chunk
+        while pending and not inflater.eof:
+            try:
+                out = inflater.decompress(pending, _DECODE_STEP)
+            except zlib.error as exc:
+                if not started and wbits == zlib.MAX_WBITS:
+                    # "deflate" sent as a raw stream without its zlib header, as some servers
+                    # do (httpx accepts it too).
+                    wbits = -zlib.MAX_WBITS
+                    inflater = zlib.decompressobj(wbits)
+                    continue
+                raise DownloadError(
+                    f"{shown_url} sent a corrupt {coding} body: {exc}", retryable=False
+                ) from None
+            started = True
+            if out:
+                yield out
+            pending = inflater.unconsumed_tail
+            # A full step can leave output inside zlib with no input left to feed it.
+            while not pending and len(out) == _DECODE_STEP and not inflater.eof:
+                out = inflater.decompress(b"", _DECODE_STEP)
+                if out:
+                    yield out
+    if not inflater.eof:
+        raise DownloadError(f"{shown_url} ended inside its {coding} body", retryable=True)
 
 
 class _MultipartUpload:

@@ -3,17 +3,22 @@ output URLs. Never used for the operator's own endpoints (RunComfy base URL, S3,
 
 Two layers:
 
-* :meth:`UrlGuard.check_url_shape` — static, no DNS: scheme, host, userinfo, and literal
+* :meth:`UrlGuard.check_url_shape` — static, no DNS: scheme, host, userinfo, literal
   addresses in every spelling a resolver accepts (``2130706433``, ``0x7f.1``, ``0177.0.0.1``,
-  ``127.1``, ``[::ffff:127.0.0.1]``) plus ``localhost``. Used at submit time.
-* :class:`GuardedTransport` — the authoritative check at connect time: resolve the name once,
-  refuse if any address is forbidden, then connect to a vetted address (never re-resolving, so
-  DNS rebinding has no window), with the original ``Host`` header and TLS name.
+  ``127.1``, ``[::ffff:127.0.0.1]``) plus ``localhost``, and names DNS cannot carry (labels
+  over 63 characters, names over 253, empty labels, failed IDNA encoding). Used at submit time.
+* :class:`GuardedTransport` — the authoritative check at connect time: resolve the name once
+  (within the guard's ``resolve_timeout_s``), refuse if any address is forbidden, then connect
+  to a vetted address (never re-resolving, so DNS rebinding has no window), with the original
+  ``Host`` header and TLS name.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import encodings.idna
 import ipaddress
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,6 +36,15 @@ Resolver = Callable[[str, int], Sequence[str]]
 
 ALLOWED_SCHEMES: Final = frozenset({"http", "https"})
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+#: RFC 1035 limits, in characters of the ASCII (IDNA-encoded) form; 253 is the 255-octet wire
+#: form less its first length byte and the root label.
+MAX_LABEL_CHARS: Final = 63
+MAX_HOSTNAME_CHARS: Final = 253
+#: Seconds one name resolution may take before it counts as failed (retryable).
+DEFAULT_RESOLVE_TIMEOUT_S: Final = 5.0
+# Lookups that outlive their timeout keep their thread until getaddrinfo gives up; past this
+# many, new lookups wait in the queue and time out too, instead of piling up threads.
+_RESOLVER_THREADS: Final = 16
 
 # First match wins, so the narrow entries come before the ranges that contain them.
 _V4_RULES: Final = tuple(
@@ -202,9 +216,84 @@ def _normalise_host(host: str) -> str:
     return host.removesuffix(".")
 
 
+def _shown(text: str, keep: int = 20) -> str:
+    return text if len(text) <= keep else text[:keep] + "…"
+
+
+def hostname_problem(host: str) -> str | None:
+    """Why the name ``host`` can never be resolved (DNS limits, IDNA), or None if it may be."""
+    name = host.removesuffix(".")  # one trailing dot: a fully qualified name
+    labels = name.split(".")
+    if not all(labels):
+        return f"host {_shown(host, 60)!r} has an empty label"
+    encoded: list[str] = []
+    for label in labels:
+        if label.isascii():
+            ascii_label, how = label, ""
+        else:
+            try:
+                prepared = encodings.idna.nameprep(label)
+                ascii_label = (
+                    prepared
+                    if prepared.isascii()
+                    else "xn--" + prepared.encode("punycode").decode("ascii")
+                )
+            except UnicodeError as exc:
+                return f"host label {_shown(label)!r} fails IDNA encoding: {exc}"
+            how = " once IDNA-encoded"
+        if len(ascii_label) > MAX_LABEL_CHARS:
+            return (
+                f"host label {_shown(label)!r} is {len(ascii_label)} characters{how}; "
+                f"DNS allows at most {MAX_LABEL_CHARS}"
+            )
+        encoded.append(ascii_label)
+    length = len(".".join(encoded))
+    if length > MAX_HOSTNAME_CHARS:
+        return (
+            f"host {_shown(host)!r} is {length} characters; DNS allows at most {MAX_HOSTNAME_CHARS}"
+        )
+    # socket.getaddrinfo encodes every str host with this codec: whatever else it refuses
+    # (an ACE prefix on a non-ASCII label …) would otherwise surface as UnicodeError there.
+    try:
+        name.encode("idna")
+    except UnicodeError as exc:
+        return f"host {_shown(host)!r} fails IDNA encoding: {exc.__cause__ or exc}"
+    return None
+
+
 def _getaddrinfo(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
+
+
+class _ResolverPool:
+    """The threads every guard in the process resolves names on, started on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(
+        self, resolve: Resolver, host: str, port: int
+    ) -> concurrent.futures.Future[Sequence[str]]:
+        """Run ``resolve(host, port)`` on one of the pool's threads."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    _RESOLVER_THREADS, thread_name_prefix="url-guard-dns"
+                )
+            return self._pool.submit(resolve, host, port)
+
+    def forget(self) -> None:
+        """Drop the pool without touching it: in a forked child its threads do not exist."""
+        self._lock = threading.Lock()
+        self._pool = None
+
+
+_resolver_pool = _ResolverPool()
+# A prefork child inherits a pool whose threads stayed in the parent; work submitted to it
+# would never run. It starts a pool of its own instead.
+os.register_at_fork(after_in_child=_resolver_pool.forget)
 
 
 class UrlGuard:
@@ -216,8 +305,12 @@ class UrlGuard:
         allow_private: bool,
         always_allowed_hosts: Iterable[str] = (),
         resolver: Resolver | None = None,
+        resolve_timeout_s: float = DEFAULT_RESOLVE_TIMEOUT_S,
     ) -> None:
+        if not resolve_timeout_s > 0:
+            raise ValueError(f"resolve_timeout_s must be positive, not {resolve_timeout_s}")
         self.allow_private = allow_private
+        self.resolve_timeout_s = resolve_timeout_s
         self._always_allowed = frozenset(_normalise_host(h) for h in always_allowed_hosts if h)
         self._resolve_name: Resolver = resolver or _getaddrinfo
 
@@ -259,8 +352,18 @@ class UrlGuard:
             raise TargetForbiddenError(f"host {host} is a forbidden name (loopback)")
         return ip
 
+    def _check_host(self, host: str) -> IPAddress | None:
+        """Like :meth:`_check_literal`, also refusing names that can never resolve."""
+        ip = self._check_literal(host)
+        if ip is None:
+            problem = hostname_problem(host)
+            if problem:
+                raise TargetForbiddenError(problem)
+        return ip
+
     def check_url_shape(self, url: str) -> None:
-        """Static checks, no DNS: http(s), a host, no credentials, no forbidden literal address."""
+        """Static checks, no DNS: http(s), a host, no credentials, no forbidden literal address,
+        no name that DNS cannot carry."""
         try:
             parts = urlsplit(url)
             _ = parts.port  # raises for a malformed port
@@ -274,9 +377,9 @@ class UrlGuard:
         host = parts.hostname
         if not host:
             raise TargetForbiddenError("URL has no host")
-        self._check_literal(host)
+        self._check_host(host)
         # httpx is what will send the request: judge its reading of the URL too.
-        self._check_literal(self._split(url).host)
+        self._check_host(self._split(url).host)
 
     def _split(self, url: str | httpx.URL) -> VettedTarget:
         """Scheme, host and port as httpx reads them, after the static checks."""
@@ -299,24 +402,45 @@ class UrlGuard:
     def resolve(self, url: str | httpx.URL) -> VettedTarget:
         """Full check: resolve the host and refuse if any address is forbidden.
 
-        Raises TargetForbiddenError when refused and OSError (``socket.gaierror``) when the
-        name does not resolve.
+        Raises TargetForbiddenError when refused (a name that can never resolve included) and
+        OSError (``socket.gaierror``) when the name does not resolve, now or within
+        ``resolve_timeout_s``.
         """
         target = self._split(url)
-        ip = self._check_literal(target.host)
+        ip = self._check_host(target.host)
         if ip is not None:
             return VettedTarget(target.scheme, target.host, target.port, (str(ip),))
-        addresses = tuple(dict.fromkeys(self._resolve_name(target.host, target.port)))
+        try:
+            addresses = tuple(dict.fromkeys(self._lookup(target.host, target.port)))
+            ips = [ipaddress.ip_address(address) for address in addresses]
+        except ValueError as exc:
+            # UnicodeError included: getaddrinfo's IDNA encoding refused the name, which no
+            # retry will change.
+            raise TargetForbiddenError(
+                f"cannot resolve host {_shown(target.host, 60)}: {type(exc).__name__}: {exc}"
+            ) from None
         if not addresses:
             raise socket.gaierror(socket.EAI_NONAME, f"{target.host} has no addresses")
         if not self._exempt(target.host):
-            for address in addresses:
-                reason = forbidden_reason(ipaddress.ip_address(address))
+            for address, parsed in zip(addresses, ips, strict=True):
+                reason = forbidden_reason(parsed)
                 if reason:
                     raise TargetForbiddenError(
                         f"host {target.host} resolves to a forbidden address {address} ({reason})"
                     )
         return VettedTarget(target.scheme, target.host, target.port, addresses)
+
+    def _lookup(self, host: str, port: int) -> Sequence[str]:
+        """The resolver's answer, or socket.gaierror (EAI_AGAIN) after ``resolve_timeout_s``."""
+        future = _resolver_pool.submit(self._resolve_name, host, port)
+        done, _pending = concurrent.futures.wait([future], timeout=self.resolve_timeout_s)
+        if not done:
+            future.cancel()  # still queued behind hung lookups: never start it
+            raise socket.gaierror(
+                socket.EAI_AGAIN,
+                f"resolving {_shown(host, 60)} took longer than {self.resolve_timeout_s:g} s",
+            )
+        return future.result()
 
 
 #: Hostnames given their own TLS connection pool; past this, a request gets a one-off pool.

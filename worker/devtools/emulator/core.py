@@ -202,6 +202,7 @@ class Emulator:
                     "size": f"{r.width}x{r.height}",
                     "status": r.state(now),
                     "fault": r.fault,
+                    "prompt": r.prompt,
                 }
                 for r in self._scheduler.all()
             ]
@@ -325,6 +326,10 @@ class Emulator:
             reply.body = reply.body[: max(1, len(reply.body) // 2)]
         elif fault.kind == "reset":
             reply.reset_after = 0
+        elif fault.kind == "requeued" and reply.status == 200:
+            data = json.loads(bytes(reply.body) if isinstance(reply.body, bytes) else b"{}")
+            data.update({"status": "in_queue", "queue_position": 0})
+            reply.body = json.dumps(data).encode()
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -366,6 +371,7 @@ class Emulator:
             videos=images if config.video else 0,
             min_bytes=config.output_min_bytes,
             fault=fault,
+            prompt=generation.prompt,
         )
         self._scheduler.add(request)
         urls = self._urls(request.request_id)

@@ -24,7 +24,17 @@ from typing import Any, Final, Literal, cast, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FaultKind = Literal[
-    "429", "500", "502", "503", "slow", "malformed_json", "reset", "cancel", "output_404", "fail"
+    "429",
+    "500",
+    "502",
+    "503",
+    "slow",
+    "malformed_json",
+    "reset",
+    "requeued",
+    "cancel",
+    "output_404",
+    "fail",
 ]
 RequestFault = Literal["cancel", "fail", "output_404"]
 Endpoint = Literal["submit", "status", "result", "cancel", "download", "any"]
@@ -33,7 +43,11 @@ CallEndpoint = Literal["submit", "status", "result", "cancel", "download"]
 FAULT_KINDS: Final[frozenset[str]] = frozenset(get_args(FaultKind))
 ENDPOINTS: Final[frozenset[str]] = frozenset(get_args(Endpoint))
 #: Kinds that change the answer to a single call.
-CALL_KINDS: Final = frozenset({"429", "500", "502", "503", "slow", "malformed_json", "reset"})
+#: ``requeued``: a status answer says ``in_queue`` whatever the request's state (upstream
+#: re-queued a started request).
+CALL_KINDS: Final = frozenset(
+    {"429", "500", "502", "503", "slow", "malformed_json", "reset", "requeued"}
+)
 #: Kinds decided at submit time that change what happens to the request.
 REQUEST_KINDS: Final = frozenset({"cancel", "fail", "output_404"})
 
@@ -67,6 +81,8 @@ class FaultRule(BaseModel):
             raise ValueError(f"kind {self.kind!r} is decided at submit: endpoint submit or any")
         if self.kind == "output_404" and self.endpoint not in ("submit", "any", "download"):
             raise ValueError("kind 'output_404' needs endpoint submit, any or download")
+        if self.kind == "requeued" and self.endpoint != "status":
+            raise ValueError("kind 'requeued' needs endpoint status")
         return self
 
 
@@ -80,6 +96,8 @@ def parse_rate_key(key: str) -> tuple[str, str]:
         raise ValueError(f"unknown endpoint {endpoint!r}; one of {', '.join(sorted(ENDPOINTS))}")
     if kind in ("cancel", "fail") and endpoint not in ("submit", "any"):
         raise ValueError(f"kind {kind!r} is decided at submit: endpoint submit or any")
+    if kind == "requeued" and endpoint != "status":
+        raise ValueError("kind 'requeued' needs endpoint status")
     return kind, endpoint
 
 

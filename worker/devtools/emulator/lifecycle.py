@@ -36,6 +36,8 @@ class EmulatedRequest:
     videos: int
     min_bytes: int
     fault: RequestFault | None = None
+    #: the prompt, as submitted (lets tests and the chaos run count submits per job)
+    prompt: str = ""
     started_at: float | None = None
     ended_at: float | None = None
     cancelled_by_client: bool = False

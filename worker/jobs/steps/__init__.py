@@ -110,10 +110,6 @@ class StepContext:
         """Webhook deliveries."""
         return self.services.webhooks
 
-    def age(self, created_at_ts: float) -> float:
-        """Seconds since ``created_at_ts`` by this context's clock."""
-        return self.clock() - created_at_ts
-
 
 def call_outcome(exc: BaseException) -> str:
     """The ``outcome`` label of an upstream call that raised ``exc`` (metrics)."""

@@ -90,7 +90,7 @@ def _failed(ctx: StepContext, job: StoredJob, exc: ServiceError) -> StepResult:
         error = JobError(code=ErrorCode.GENERATION_FAILED, message=str(exc))
         ctx.handoff.finish(job, JobStatus.FAILED, error)
         return StepResult(Outcome.FAILED, job.id)
-    now = ctx.clock()
+    now = job.read_at
     since = job.since or now
     attempt = job.attempt + 1
     decision = decisions.decide_archive_error(

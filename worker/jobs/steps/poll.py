@@ -46,12 +46,12 @@ def poll(ctx: StepContext, msg: StepMessage) -> StepResult:
 def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError) -> StepResult:
     calls = job.record.status_calls + 1
     submitted = job.record.submitted_at or job.record.created_at
-    elapsed = ctx.clock() - submitted.timestamp()
+    elapsed = job.read_at - submitted.timestamp()
     decision = decisions.decide_poll(
         status=job.status,
         answer=answer,
         elapsed_s=elapsed,
-        age_s=ctx.age(job.record.created_at.timestamp()),
+        age_s=job.age_s,
         deadline_s=ctx.settings.job.deadline_s,
         error_streak=job.attempt,
         poll=ctx.settings.poll,

@@ -11,6 +11,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Final
 
+from api_contracts.errors import ErrorCode
 from api_contracts.jobs import JobError, JobStatus
 from api_contracts.messages import TASK_POLL, TASK_SUBMIT, SubmitMessage
 from worker import metrics
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: How long a submit holds its lease while talking to upstream (beyond the HTTP timeouts).
 LEASE_MARGIN_S: Final = 15.0
+#: Attempts to record upstream's answer when the job changed between claim and answer.
+RECORD_ATTEMPTS: Final = 3
 
 
 def submit(ctx: StepContext, msg: SubmitMessage, *, owner: str) -> StepResult:
@@ -44,16 +47,24 @@ def submit(ctx: StepContext, msg: SubmitMessage, *, owner: str) -> StepResult:
             return StepResult(Outcome.ALREADY_SUBMITTED, msg.job_id)
         ambiguous = False
         if job.status == JobStatus.SUBMITTING and job.lease is not None:
-            if job.lease.owner != owner and job.lease.until > ctx.clock():
+            if job.lease.owner != owner and job.lease.until > job.read_at:
                 return StepResult(Outcome.SUBMIT_IN_PROGRESS_ELSEWHERE, msg.job_id)
             ambiguous = True
+        if job.age_s >= ctx.settings.job.deadline_s:
+            # No paid generation for a job that is already past its deadline.
+            message = f"not submitted within {ctx.settings.job.deadline_s:.0f}s (JOB_DEADLINE_S)"
+            error = JobError(code=ErrorCode.DEADLINE_EXCEEDED, message=message)
+            ctx.handoff.finish(job, JobStatus.FAILED, error, JobChange(lease=None))
+            return StepResult(Outcome.FAILED, job.id)
         return _post(ctx, job, owner=owner, ambiguous=ambiguous)
 
 
 def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> StepResult:
-    rc = ctx.settings.runcomfy
-    now = ctx.clock()
-    lease = Lease(owner, now + rc.connect_timeout_s + rc.read_timeout_s + LEASE_MARGIN_S)
+    # The lease covers the client's whole timeout budget (pool, connect, write, read), on
+    # the store's clock: another delivery only takes over once this POST cannot be running.
+    lease_s = ctx.settings.runcomfy.call_budget_s + LEASE_MARGIN_S
+    now = job.read_at
+    lease = Lease(owner, now + lease_s)
     notes = list(job.record.notes)
     if ambiguous:
         # Killed between POST and recording its answer: upstream may hold a request we
@@ -68,7 +79,14 @@ def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> S
         )
         log.warning("ambiguous submit window: submitting again")
     claimed = ctx.store.update(
-        job, JobChange(status=JobStatus.SUBMITTING, lease=lease, notes=notes)
+        job,
+        JobChange(
+            status=JobStatus.SUBMITTING,
+            lease=lease,
+            notes=notes,
+            # overdue once the lease has expired without an answer recorded
+            due_in=lease_s + ctx.handoff.grace_s,
+        ),
     )
     if claimed is None:
         return StepResult(Outcome.LOST_RACE, job.id)
@@ -80,26 +98,46 @@ def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> S
         metrics.UPSTREAM_CALLS.labels("submit", call_outcome(exc)).inc()
         return _failed(ctx, claimed, exc)
     metrics.UPSTREAM_CALLS.labels("submit", "ok").inc()
-    submitted_at = datetime.fromtimestamp(ctx.clock(), UTC)
+    # On the store's clock, like every time the schedule compares (POSTed just after the read)
+    submitted_at = datetime.fromtimestamp(claimed.read_at, UTC)
     metrics.STAGE_SECONDS.labels("queued").observe(
         (submitted_at - claimed.record.created_at).total_seconds()
     )
     with log_context(request_id=answer.request_id):
-        after = ctx.handoff.handoff(
-            claimed,
-            TASK_POLL,
-            countdown=ctx.settings.poll.initial_delay_s,
-            change=JobChange(
-                status=JobStatus.IN_QUEUE,
-                request_id=answer.request_id,
-                submitted_at=submitted_at,
-                lease=None,
-                attempt=0,
-                since=0.0,
-            ),
+        recorded = JobChange(
+            status=JobStatus.IN_QUEUE,
+            request_id=answer.request_id,
+            submitted_at=submitted_at,
+            lease=None,
+            attempt=0,
+            since=0.0,
         )
+        countdown = ctx.settings.poll.initial_delay_s
+        after = ctx.handoff.handoff(claimed, TASK_POLL, countdown=countdown, change=recorded)
+        for _ in range(RECORD_ATTEMPTS):
+            if after is not None:
+                break
+            # Something else wrote the job since our claim (a status-only change): record
+            # the answer on the fresh copy while our lease still holds it. Running the step
+            # again instead would POST a second time.
+            fresh = ctx.store.get(claimed.id)
+            if not _still_ours(fresh, owner):
+                log.warning("submitted upstream, but the job moved on meanwhile")
+                return StepResult(Outcome.LOST_RACE, job.id)
+            assert fresh is not None
+            after = ctx.handoff.handoff(fresh, TASK_POLL, countdown=countdown, change=recorded)
         log.info("submitted upstream")
     return StepResult(Outcome.SUBMITTED if after else Outcome.LOST_RACE, job.id)
+
+
+def _still_ours(job: StoredJob | None, owner: str) -> bool:
+    return (
+        job is not None
+        and job.status == JobStatus.SUBMITTING
+        and not job.record.request_id
+        and job.lease is not None
+        and job.lease.owner == owner
+    )
 
 
 def _failed(ctx: StepContext, job: StoredJob, exc: ServiceError) -> StepResult:
@@ -107,7 +145,7 @@ def _failed(ctx: StepContext, job: StoredJob, exc: ServiceError) -> StepResult:
     decision = decisions.decide_submit_error(
         exc,
         attempt=attempt,
-        age_s=ctx.age(job.record.created_at.timestamp()),
+        age_s=job.age_s,
         deadline_s=ctx.settings.job.deadline_s,
         jitter=ctx.rng.random(),
     )

@@ -1,0 +1,230 @@
+"""The reconciler: its decisions as a table, and passes over the in-memory store with a
+recording publisher and a fixed clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from api_contracts.jobs import JobRequest, JobStatus, WebhookInfo, WebhookState
+from api_contracts.messages import TASK_ARCHIVE, TASK_NOTIFY, TASK_POLL, TASK_SUBMIT
+from api_contracts.upstream import CancelResponse
+from tests.unit.fakes import Clock, FakeUpstream, Recorder
+from worker.jobs.handoff import OUTBOX_GRACE_S, Handoff
+from worker.jobs.memory import InMemoryJobStore
+from worker.jobs.reconcile import Action, Reconciler, decide
+from worker.jobs.state import JobChange, Lease, Outbox, StoredJob
+
+S = JobStatus
+NOW = 1_800_000_000.0
+DEADLINE = 1800.0
+INTERVAL = 15.0
+REQ = JobRequest.model_validate({"input": {"prompt": "p"}})
+HOOKED = JobRequest.model_validate({"input": {"prompt": "p"}, "webhook_url": "https://e.com/h"})
+
+
+def job(
+    status: JobStatus,
+    *,
+    age: float = 60.0,
+    seq: int = 3,
+    outbox: tuple[str, int, float] | None = None,
+    lease: tuple[str, float] | None = None,
+    webhook: WebhookState | None = None,
+) -> StoredJob:
+    """A job as read at NOW; ``outbox`` is (task, seq, due in s from NOW)."""
+    from api_contracts.jobs import JobRecord
+
+    created = datetime.fromtimestamp(NOW - age, UTC)
+    record = JobRecord(
+        id="j1",
+        status=status,
+        created_at=created,
+        updated_at=created,
+        request=HOOKED if webhook else REQ,
+        webhook=WebhookInfo(id="msg_j1", state=webhook) if webhook else None,
+    )
+    return StoredJob(
+        record=record,
+        version=5,
+        seq=seq,
+        outbox=Outbox(outbox[0], outbox[1], NOW + outbox[2]) if outbox else None,
+        lease=Lease(lease[0], NOW + lease[1]) if lease else None,
+        read_at=NOW,
+        created_ts=NOW - age,
+    )
+
+
+RETRY = OUTBOX_GRACE_S + INTERVAL
+
+
+@pytest.mark.parametrize(
+    ("the_job", "action", "task", "look_again"),
+    [
+        (None, Action.DROP, None, None),
+        # a queued job whose submit message never ran
+        (job(S.QUEUED, seq=0), Action.RESUBMIT, TASK_SUBMIT, RETRY),
+        # a submit mid-POST: wait for its lease; after it, resubmit (the ambiguous window)
+        (job(S.SUBMITTING, lease=("t", 20.0)), Action.WAIT, None, 21.0),
+        (job(S.SUBMITTING, lease=("t", -1.0)), Action.RESUBMIT, TASK_SUBMIT, RETRY),
+        # a parked or lost submit retry
+        (job(S.SUBMITTING, outbox=(TASK_SUBMIT, 3, -5)), Action.REPUBLISH, TASK_SUBMIT, RETRY),
+        # a lost poll, archive
+        (job(S.IN_QUEUE, outbox=(TASK_POLL, 3, -40)), Action.REPUBLISH, TASK_POLL, RETRY),
+        (job(S.IN_PROGRESS, outbox=(TASK_POLL, 3, -40)), Action.REPUBLISH, TASK_POLL, RETRY),
+        (job(S.ARCHIVING, outbox=(TASK_ARCHIVE, 3, -40)), Action.REPUBLISH, TASK_ARCHIVE, RETRY),
+        # an outbox of an older seq: nothing is promised for this seq, hand off afresh
+        (job(S.IN_QUEUE, outbox=(TASK_POLL, 2, -40)), Action.REPUBLISH, TASK_POLL, None),
+        # past the deadline while generating
+        (
+            job(S.IN_QUEUE, age=DEADLINE, outbox=(TASK_POLL, 3, -1)),
+            Action.FAIL_DEADLINE,
+            None,
+            None,
+        ),
+        (job(S.QUEUED, age=DEADLINE + 1, seq=0), Action.FAIL_DEADLINE, None, None),
+        # ... but not while a submit holds its lease, nor once upstream has finished
+        (job(S.SUBMITTING, age=DEADLINE + 1, lease=("t", 5.0)), Action.WAIT, None, 6.0),
+        (
+            job(S.ARCHIVING, age=DEADLINE + 1, outbox=(TASK_ARCHIVE, 3, -40)),
+            Action.REPUBLISH,
+            TASK_ARCHIVE,
+            RETRY,
+        ),
+        # final jobs: a webhook owed is resumed, anything else leaves the index
+        (job(S.SUCCEEDED), Action.DROP, None, None),
+        (job(S.FAILED, webhook=WebhookState.DELIVERED), Action.DROP, None, None),
+        (
+            job(S.SUCCEEDED, webhook=WebhookState.PENDING, outbox=(TASK_NOTIFY, 3, -400)),
+            Action.REPUBLISH,
+            TASK_NOTIFY,
+            RETRY,
+        ),
+        (
+            job(S.CANCELLED, webhook=WebhookState.PENDING),
+            Action.RESUME_WEBHOOK,
+            TASK_NOTIFY,
+            RETRY,
+        ),
+    ],
+)
+def test_decide(
+    the_job: StoredJob | None, action: Action, task: str | None, look_again: float | None
+) -> None:
+    plan = decide(
+        the_job, now=NOW, deadline_s=DEADLINE, interval_s=INTERVAL, grace_s=OUTBOX_GRACE_S
+    )
+    assert (plan.action, plan.task) == (action, task)
+    if look_again is not None:
+        assert plan.look_again_in == pytest.approx(look_again)
+    assert plan.reason
+
+
+# ------------------------------------------------------------------------------ passes
+class World:
+    def __init__(self) -> None:
+        self.clock = Clock(NOW)
+        self.store = InMemoryJobStore(deadline_s=DEADLINE, submit_grace_s=300, clock=self.clock)
+        self.rec = Recorder()
+        self.upstream = FakeUpstream()
+        self.handoff = Handoff(self.store, self.rec, max_countdown_s=600, clock=self.clock)
+        self.reconciler = Reconciler(
+            self.handoff,
+            lambda: self.upstream,
+            deadline_s=DEADLINE,
+            interval_s=INTERVAL,
+            batch=100,
+        )
+
+    def sent(self) -> list[tuple[str, list[Any]]]:
+        return [(task, args) for task, args, _, _ in self.rec.sent]
+
+
+@pytest.fixture
+def w() -> World:
+    return World()
+
+
+def test_a_queued_job_gets_its_submit_again_only_after_the_grace(w: World) -> None:
+    w.store.create_if_absent("j1", REQ)
+    w.clock.advance(299)
+    assert w.reconciler.run_pass() == []
+    w.clock.advance(2)
+    [done] = w.reconciler.run_pass()
+    assert (done.job_id, done.plan.action) == ("j1", Action.RESUBMIT)
+    # a fresh hand-off: seq 1 promised, sent with the request
+    assert [(t, a[0]) for t, a in w.sent()] == [(TASK_SUBMIT, "j1")]
+    assert w.rec.sent[0][2] == {"seq": 1}
+    assert w.store.load("j1").seq == 1
+    # and it is not resent on the next pass: due again only after grace + interval
+    assert w.reconciler.run_pass() == []
+    assert w.store.due_at["j1"] == pytest.approx(w.clock.now + RETRY)
+
+
+def test_a_lost_poll_is_republished_with_the_same_seq(w: World) -> None:
+    job, _ = w.store.create_if_absent("j1", REQ)
+    for status in (S.SUBMITTING, S.IN_QUEUE):
+        job = w.store.update(job, JobChange(status=status)) or job
+    w.handoff.publish = lambda *a: None  # the worker "died" before its publish reached Redis
+    after = w.handoff.handoff(job, TASK_POLL, countdown=5)
+    assert after is not None
+    w.handoff.publish = w.rec
+    w.clock.advance(5 + OUTBOX_GRACE_S - 1)
+    assert w.reconciler.run_pass() == []  # not overdue yet
+    w.clock.advance(1)
+    [done] = w.reconciler.run_pass()
+    assert done.plan.action == Action.REPUBLISH
+    assert w.sent() == [(TASK_POLL, ["j1", after.seq])]
+    assert w.store.load("j1").version == after.version  # nothing written
+
+
+def test_deadline_fails_the_job_and_cancels_it_upstream_when_queued_there(w: World) -> None:
+    job, _ = w.store.create_if_absent("j1", HOOKED)
+    for status in (S.SUBMITTING, S.IN_QUEUE):
+        job = w.store.update(job, JobChange(status=status, request_id="rid")) or job
+    w.upstream.on_cancel.set(CancelResponse.model_validate({"status": "cancelled"}))
+    w.clock.advance(DEADLINE)
+    [done] = w.reconciler.run_pass()
+    assert done.plan.action == Action.FAIL_DEADLINE
+    final = w.store.load("j1")
+    assert final.status == S.FAILED and final.record.error is not None
+    assert final.record.error.code == "deadline_exceeded"
+    assert w.upstream.calls["cancel"] == 1
+    assert w.sent() == [(TASK_NOTIFY, ["j1", final.seq])]  # the webhook follows
+
+
+def test_dry_run_lists_without_acting(w: World) -> None:
+    w.store.create_if_absent("j1", REQ)
+    w.clock.advance(400)
+    [item] = w.reconciler.run_pass(dry_run=True)
+    assert item.plan.action == Action.RESUBMIT and item.status == "queued"
+    assert item.as_dict()["action"] == "resubmit"
+    assert w.rec.sent == []
+    assert w.store.load("j1").seq == 0
+
+
+def test_only_due_jobs_are_read(w: World) -> None:
+    for i in range(50):
+        w.store.create_if_absent(f"j{i}", REQ)
+    w.clock.advance(301)
+    w.store.create_if_absent("late", REQ)  # due 300 s from now
+    reads: list[str] = []
+    real_get = w.store.get
+
+    def counting_get(job_id: str) -> StoredJob | None:
+        reads.append(job_id)
+        return real_get(job_id)
+
+    w.store.get = counting_get  # type: ignore[method-assign]
+    w.reconciler.batch = 20
+    assert len(w.reconciler.run_pass()) == 20  # the batch limit
+    assert len(set(reads)) == 20 and "late" not in reads
+
+
+def test_final_jobs_leave_the_due_index(w: World) -> None:
+    job, _ = w.store.create_if_absent("j1", REQ)
+    assert "j1" in w.store.due_at
+    w.store.update(job, JobChange(status=S.CANCELLED))
+    assert "j1" not in w.store.due_at

@@ -572,15 +572,14 @@ def _dead_letter_store(redis_url: str | None) -> Iterator[DeadLetterStore]:
 
     from worker.errors import ConfigError, DeadLetterNotFoundError, NotRequeueableError
     from worker.queueing.dead_letters import DeadLetterStore
+    from worker.services.redis_client import make_redis
     from worker.settings import load_settings
 
     try:
         settings = load_settings(redis={"url": redis_url}) if redis_url else load_settings()
     except ConfigError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
-    client = redis_lib.Redis.from_url(
-        settings.redis.url, socket_timeout=10, socket_connect_timeout=5
-    )
+    client = make_redis(settings.redis)
     try:
         yield DeadLetterStore(client)
     except (DeadLetterNotFoundError, NotRequeueableError) as exc:

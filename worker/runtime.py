@@ -13,21 +13,11 @@ import httpx
 import redis
 
 from worker.jobs.store import JobStore, RedisJobStore
+from worker.services.redis_client import make_redis
 from worker.services.runcomfy import RunComfyClient
 from worker.services.url_guard import UrlGuard, guarded_client
 from worker.services.webhooks import WebhookSender
 from worker.settings import Settings
-
-
-def make_redis(url: str) -> redis.Redis:
-    """A pooled, thread-safe Redis client with timeouts and health checks."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=True,
-    )
 
 
 @dataclass
@@ -42,7 +32,7 @@ class Runtime:
     @cached_property
     def redis(self) -> redis.Redis:
         """Redis client for the job store."""
-        return self.redis_client or make_redis(self.settings.redis.url)
+        return self.redis_client or make_redis(self.settings.redis)
 
     @cached_property
     def store(self) -> JobStore:

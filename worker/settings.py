@@ -79,19 +79,54 @@ class _Section(BaseSettings):
 
 
 class RedisSettings(_Section):
-    """Redis: the Celery broker and the job store."""
+    """Redis: the Celery broker and the job store (one server, or a Sentinel group)."""
 
     model_config = SettingsConfigDict(env_prefix="REDIS_")
     env_prefix_name: ClassVar[str] = "REDIS_"
 
-    url: str = Field(default="redis://localhost:6379/0", description="Broker and job store.")
+    url: str = Field(
+        default="redis://localhost:6379/0",
+        description="Broker and job store: redis://, rediss://, unix://, or "
+        "sentinel://host1:26379;sentinel://host2:26379 with REDIS_SENTINEL_MASTER.",
+    )
+    sentinel_master: str | None = Field(
+        default=None, description="The Sentinel master group name (sentinel:// URLs)."
+    )
+    sentinel_password: SecretStr | None = Field(
+        default=None, description="Password of the Sentinel nodes themselves."
+    )
+    password: SecretStr | None = Field(
+        default=None, description="Password of the Redis master (and replicas) behind Sentinel."
+    )
+    tls: bool = Field(default=False, description="TLS to the Sentinel-managed Redis servers.")
 
     @field_validator("url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
+        if value.startswith("sentinel://"):
+            parts = [p for p in value.split(";") if p.strip()]
+            if not all(p.strip().startswith("sentinel://") for p in parts):
+                raise ValueError("every ;-separated part must be a sentinel:// URL")
+            return value
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+            raise ValueError("must start with redis://, rediss://, unix:// or sentinel://")
         return value
+
+    @field_validator("sentinel_master", "sentinel_password", "password", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _sentinel_needs_master(self) -> RedisSettings:
+        if self.is_sentinel and not self.sentinel_master:
+            raise ValueError("REDIS_SENTINEL_MASTER is required with a sentinel:// REDIS_URL")
+        return self
+
+    @property
+    def is_sentinel(self) -> bool:
+        """Is REDIS_URL a Sentinel group?"""
+        return self.url.startswith("sentinel://")
 
 
 class RunComfySettings(_Section):
@@ -291,6 +326,7 @@ class WorkerSettings(_Section):
 
 class _TopLevel(_Section):
     allow_private_networks: bool = False
+    allow_redis_eviction: bool = False
 
 
 _SECTIONS: dict[str, type[_Section]] = {
@@ -323,6 +359,7 @@ class Settings(BaseModel):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     allow_private_networks: bool = False
+    allow_redis_eviction: bool = False
 
     @property
     def max_countdown_s(self) -> float:
@@ -364,6 +401,9 @@ def _load(overrides: Mapping[str, Any]) -> Settings:
     except ValidationError as exc:
         problems.extend(f"{_env_name(_TopLevel, e['loc'])}: {e['msg']}" for e in exc.errors())
     else:
+        built["allow_redis_eviction"] = overrides.get(
+            "allow_redis_eviction", top.allow_redis_eviction
+        )
         built["allow_private_networks"] = overrides.get(
             "allow_private_networks", top.allow_private_networks
         )

@@ -43,6 +43,7 @@ class Stack:
     producer: Producer
     log_dir: Path = field(default_factory=Path)
     workers: list[WorkerProcess] = field(default_factory=list)
+    server: EmbeddedRedis | None = None
 
     def wait(
         self,
@@ -62,7 +63,10 @@ class Stack:
         return record
 
     def _get(self, job_id: str) -> JobRecord | None:
-        job = self.producer.rt.store.get(job_id)
+        try:
+            job = self.producer.rt.store.get(job_id)
+        except redis.ConnectionError:  # Redis restarting or failing over: look again
+            return None
         return job.record if job else None
 
     def wait_webhook(self, job_id: str, timeout: float = 20.0) -> JobRecord:
@@ -123,9 +127,14 @@ def stack_factory(
     """Build a Stack with its own Redis and emulator; everything is torn down at module end."""
     created: list[tuple[Stack, EmbeddedRedis]] = []
 
-    def build(emulator_config: EmulatorConfig | None = None, **env_extra: str) -> Stack:
+    def build(
+        emulator_config: EmulatorConfig | None = None,
+        *,
+        redis_aof: str | None = None,
+        **env_extra: str,
+    ) -> Stack:
         s3_server.create_bucket(BUCKET)
-        server = EmbeddedRedis().start()
+        server = EmbeddedRedis(aof=redis_aof).start()
         emu = EmulatorServer(
             emulator_config or EmulatorConfig(token=TOKEN, queue_s=0.2, run_s=0.3, seed=7),
             host="127.0.0.1",
@@ -144,6 +153,7 @@ def stack_factory(
             app=app,
             producer=Producer(app.runtime, app),
             log_dir=tmp_path_factory.mktemp("worker-logs"),
+            server=server,
         )
         created.append((stack, server))
         return stack

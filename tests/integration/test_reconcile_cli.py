@@ -64,3 +64,36 @@ def test_the_pass_lock_admits_one_pass_per_interval_whoever_asks(
     assert lock("b", 0.3) is False
     time.sleep(0.35)  # expired, holder alive or not
     assert lock("b", 0.3) is True
+
+
+@pytest.mark.parametrize(
+    ("policy", "allowed", "refused"),
+    [
+        ("noeviction", False, False),
+        ("allkeys-lru", False, True),
+        ("volatile-ttl", False, True),
+        ("allkeys-lru", True, False),
+    ],
+)
+def test_a_worker_refuses_a_redis_that_may_evict(
+    redis_client: redis.Redis, policy: str, allowed: bool, refused: bool
+) -> None:
+    from worker.errors import ConfigError
+    from worker.queueing.run import check_redis_eviction
+
+    redis_client.config_set("maxmemory-policy", policy)
+    try:
+        if refused:
+            with pytest.raises(ConfigError, match=f"maxmemory-policy is '{policy}'"):
+                check_redis_eviction(redis_client, allowed=allowed)
+        else:
+            check_redis_eviction(redis_client, allowed=allowed)
+    finally:
+        redis_client.config_set("maxmemory-policy", "noeviction")
+
+
+def test_an_unreachable_redis_is_not_a_reason_to_refuse_to_start() -> None:
+    from worker.queueing.run import check_redis_eviction
+
+    client = redis.Redis(port=1, socket_connect_timeout=0.5)
+    check_redis_eviction(client, allowed=False)  # logged, not raised

@@ -82,9 +82,16 @@ class EmbeddedRedis(ManagedService):
     ``aof=True`` an append-only file (``everysec`` or ``always``) that survives
     :meth:`stop` / :meth:`kill` and a :meth:`start` again on the same port."""
 
-    def __init__(self, port: int | None = None, *, aof: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        aof: str | None = None,
+        replicaof: tuple[str, int] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.aof = aof
+        self.replicaof = replicaof
         self._dir = tempfile.mkdtemp(prefix="rcw-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -106,6 +113,8 @@ class EmbeddedRedis(ManagedService):
         ]  # fmt: skip
         if self.aof:
             args += ["--appendfsync", self.aof]
+        if self.replicaof:
+            args += ["--replicaof", self.replicaof[0], str(self.replicaof[1])]
         self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, our own binary
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
@@ -133,6 +142,113 @@ class EmbeddedRedis(ManagedService):
     def close(self) -> None:
         """Stop the server and remove its directory."""
         self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class EmbeddedSentinelGroup(ManagedService):
+    """Redis high availability on 127.0.0.1: a master and a replica (AOF everysec) watched by
+    three Sentinels (``redis-server <conf> --sentinel``), quorum 2, failing over one second
+    after the master stops answering. ``url`` is the ``sentinel://…`` REDIS_URL."""
+
+    MASTER_NAME = "rcw"
+
+    def __init__(self, *, down_after_ms: int = 1000) -> None:
+        self.master = EmbeddedRedis(aof="everysec")
+        self.replica = EmbeddedRedis(aof="everysec", replicaof=("127.0.0.1", self.master.port))
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.down_after_ms = down_after_ms
+        self._dir = tempfile.mkdtemp(prefix="rcw-sentinel-")
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """``sentinel://127.0.0.1:<p1>;sentinel://127.0.0.1:<p2>;…``."""
+        return ";".join(f"sentinel://127.0.0.1:{p}" for p in self.sentinel_ports)
+
+    @property
+    def servers(self) -> list[EmbeddedRedis]:
+        """Both data servers (either may be the master)."""
+        return [self.master, self.replica]
+
+    def start(self) -> Self:
+        """Start master, replica and Sentinels; wait until the replica is in sync."""
+        self.master.start()
+        self.replica.start()
+        for port in self.sentinel_ports:
+            conf = Path(self._dir) / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self._dir}\n"
+                f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER_NAME} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.MASTER_NAME} 10000\n"
+                f"sentinel parallel-syncs {self.MASTER_NAME} 1\n",
+                encoding="utf-8",
+            )
+            self._procs.append(
+                subprocess.Popen(  # noqa: S603 - fixed argv, our own binary
+                    [str(redis_server_binary()), str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+            wait_for_port("127.0.0.1", port)
+        self._wait_in_sync()
+        return self
+
+    def _wait_in_sync(self, timeout_s: float = 20.0) -> None:
+        import redis
+
+        deadline = time.monotonic() + timeout_s
+        with contextlib.closing(redis.Redis(port=self.replica.port)) as client:
+            while client.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the replica did not sync with the master")
+                time.sleep(0.05)
+
+    def current_master_port(self) -> int | None:
+        """The master's port as the Sentinels see it now (None: none answers)."""
+        import redis
+
+        for port in self.sentinel_ports:
+            with contextlib.closing(redis.Redis(port=port, socket_timeout=1)) as sentinel:
+                try:
+                    host_port = sentinel.execute_command(  # type: ignore[no-untyped-call]
+                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER_NAME
+                    )
+                except redis.RedisError:
+                    continue
+                if isinstance(host_port, list | tuple) and len(host_port) == 2:
+                    return int(host_port[1])
+        return None
+
+    def wait_failover(self, from_port: int, timeout_s: float = 30.0) -> int:
+        """Block until the Sentinels name a master other than ``from_port``; its port."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            port = self.current_master_port()
+            if port is not None and port != from_port:
+                return port
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no failover away from port {from_port} in {timeout_s}s")
+            time.sleep(0.1)
+
+    def server_on(self, port: int) -> EmbeddedRedis:
+        """The data server listening on ``port``."""
+        return next(s for s in self.servers if s.port == port)
+
+    def close(self) -> None:
+        """Stop everything and remove the files."""
+        for proc in self._procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+        self.replica.close()
+        self.master.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from typing import Any
 
@@ -17,6 +18,7 @@ from kombu import Exchange, Queue
 
 from api_contracts.messages import ALL_QUEUES, QUEUE_FOR_TASK
 from worker.runtime import Runtime
+from worker.services.redis_client import broker_options, broker_url
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,14 @@ class ServiceCelery(Celery):
             self._runtime = None
 
 
+def _transport(settings: Settings) -> str | None:
+    if settings.redis.is_sentinel:
+        return "worker.queueing.transport:SentinelTransport"
+    if settings.redis.url.startswith("redis://"):
+        return "worker.queueing.transport:Transport"
+    return None
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration derived from settings (see shared notes on Celery over Redis)."""
     visibility = settings.broker.visibility_timeout_s
@@ -63,14 +73,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": visibility,
         "unacked_restore_interval": max(1, round(sweep / throttle)),
         "unacked_restore_throttle": throttle,
+        **broker_options(settings.redis),
     }
     exchange = Exchange("runcomfy", type="direct")
     return {
-        "broker_url": settings.redis.url,
-        # Plain redis:// gets the hardened transport; TLS/sentinel URLs keep kombu's own.
-        "broker_transport": (
-            "worker.queueing.transport:Transport"
-            if settings.redis.url.startswith("redis://")
+        "broker_url": broker_url(settings.redis),
+        # redis:// and sentinel:// get the hardened transports; rediss:// keeps kombu's own.
+        "broker_transport": _transport(settings),
+        "broker_use_ssl": (
+            {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+            if settings.redis.is_sentinel and settings.redis.tls
             else None
         ),
         # Dead-letters (and acks) every message it cannot turn into a runnable task, instead of

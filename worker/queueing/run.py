@@ -8,10 +8,12 @@ under prefork, ``worker_init`` otherwise), never at import.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import click
+import redis
 from celery import signals
 
 from api_contracts.messages import ALL_QUEUES
@@ -25,7 +27,10 @@ from worker.queueing.config import ServiceCelery, celery_config
 from worker.queueing.publish import make_publisher
 from worker.queueing.tasks import register_tasks
 from worker.runtime import Runtime
+from worker.services.redis_client import make_redis, master_password
 from worker.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_POOL = "threads"
 DEFAULT_CONCURRENCY = "8"
@@ -57,6 +62,10 @@ def secret_values(settings: Settings) -> list[str]:
         raw = secret.get_secret_value()
         values += [raw, raw.removeprefix("whsec_")]
     values += [os.environ.get(n, "") for n in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    for redis_secret in (settings.redis.password, settings.redis.sentinel_password):
+        if redis_secret is not None:
+            values.append(redis_secret.get_secret_value())
+    values.append(master_password(settings.redis) or "")
     return [v for v in values if len(v) >= 6]
 
 
@@ -161,10 +170,36 @@ def check_worker_settings(settings: Settings) -> None:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
 
 
+def check_redis_eviction(client: redis.Redis, *, allowed: bool) -> None:
+    """Refuse a Redis that may evict keys: an evicted job record, queue or ``unacked`` hash
+    is a lost job. ConfigError unless ``ALLOW_REDIS_EVICTION=true``; a Redis that cannot be
+    asked (down, or CONFIG disabled as on some managed services) is only logged."""
+    try:
+        answer: dict[Any, Any] = client.config_get("maxmemory-policy")
+        policy = _text(answer.get("maxmemory-policy") or answer.get(b"maxmemory-policy") or "")
+    except redis.RedisError as exc:
+        log.warning("could not read Redis's maxmemory-policy (%s); make sure it is noeviction", exc)
+        return
+    if policy and policy != "noeviction":
+        if allowed:
+            log.warning("Redis maxmemory-policy is %s (ALLOW_REDIS_EVICTION=true)", policy)
+            return
+        raise ConfigError(
+            f"invalid configuration: Redis maxmemory-policy is {policy!r}: evicting job records "
+            "or messages loses jobs; set it to noeviction (or ALLOW_REDIS_EVICTION=true)"
+        )
+
+
 def load_worker_settings() -> Settings:
-    """Settings for a worker process: the environment, checked for what a worker needs."""
+    """Settings for a worker process: the environment, checked for what a worker needs,
+    and Redis checked for a policy that would lose jobs."""
     settings = load_settings()
     check_worker_settings(settings)
+    client = make_redis(settings.redis, socket_timeout=5, connect_timeout=3)
+    try:
+        check_redis_eviction(client, allowed=settings.allow_redis_eviction)
+    finally:
+        client.close()
     return settings
 
 
@@ -177,7 +212,14 @@ def run_worker(extra: list[str]) -> int:
         return 2
     app = worker_app(settings)
     try:
-        app.worker_main(worker_argv(extra))
+        # app.start, not app.worker_main: worker_main drops the exit code, so a worker that
+        # stopped on an unrecoverable error exited 0 and a restart-on-failure supervisor
+        # left it down.
+        code: int | None = app.start(argv=worker_argv(extra))
     except SystemExit as exc:
         return int(exc.code or 0)
-    return 0
+    return int(code or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

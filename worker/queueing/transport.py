@@ -26,6 +26,7 @@ from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
@@ -63,6 +64,25 @@ class Channel(kombu_redis.Channel):
     #: The queue of the message whose consumer callback is running, else None
     #: (read by :func:`worker.queueing.consumer.delivery_queue`).
     delivering_queue: str | None = None
+
+    # ------------------------------------------------------------------ surviving a restart
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        """kombu's connection parameters, remembered for after the transport is collected.
+
+        On a lost connection Celery 5.7 first ``collect()``s the connection (which sets the
+        transport's ``client`` to None), then closes it; closing the channel restores its
+        unacked messages through a new pool built from ``self.connection.client``, and
+        ``None.hostname`` raised AttributeError, which ``ignore_errors`` does not catch: the
+        worker logged "Unrecoverable error" and exited with status 0 on every Redis restart
+        (the same failure as celery/kombu#970 and #582). With the parameters remembered the
+        restore either works (Redis is back) or raises a connection error, which Celery
+        expects, and the worker reconnects."""
+        saved: dict[bool, dict[str, Any]] = self.__dict__.setdefault("_rcw_connparams", {})
+        if getattr(self.connection, "client", None) is None and asynchronous in saved:
+            return dict(saved[asynchronous])
+        params = super()._connparams(asynchronous=asynchronous)  # type: ignore[misc]
+        saved[asynchronous] = dict(params)
+        return params
 
     # ------------------------------------------------------------------ decoding
     def _brpop_read(self, **options: Any) -> Any:
@@ -200,3 +220,22 @@ class Transport(kombu_redis.Transport):
     """Use as ``broker_transport = "worker.queueing.transport:Transport"``."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The hardened channel on a Sentinel group (``sentinel://…`` with ``master_name``)."""
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        # kombu builds a Sentinel pool from ``connection.client.alt``, which Celery 5.7's
+        # collect() has set to None by the time it closes the channel (see
+        # Channel._connparams): a connection error is what Celery expects there. The unacked
+        # messages stay in Redis; the job store's reconciler moves their jobs on.
+        if getattr(self.connection, "client", None) is None:
+            raise redis.exceptions.ConnectionError("broker connection already collected")
+        return super()._get_pool(asynchronous)  # type: ignore[misc]
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """Use as ``broker_transport = "worker.queueing.transport:SentinelTransport"``."""
+
+    Channel = SentinelChannel

@@ -735,3 +735,19 @@ def test_k8s_manifests_match_kubernetes_schemas() -> None:
             continue
         checked += 1
     assert checked >= 6
+
+
+def test_compose_ha_profile_has_a_replica_and_three_sentinels_with_a_quorum() -> None:
+    services = compose()["services"]
+    ha = {name for name, svc in services.items() if "ha" in svc.get("profiles", [])}
+    assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    replica = " ".join(services["redis-replica"]["command"])
+    assert "--replicaof redis 6379" in replica and "--appendonly yes" in replica
+    assert "--maxmemory-policy noeviction" in replica
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = services[name]["command"][0]
+        assert "'sentinel monitor rcw redis 6379 2'" in script
+        assert "--sentinel" in script
+    # the master name the compose Sentinels use is the one .env.example documents
+    example = (ROOT / ".env.example").read_text()
+    assert "# REDIS_SENTINEL_MASTER=rcw" in example

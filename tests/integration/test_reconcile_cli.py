@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis
@@ -26,6 +27,7 @@ def test_reconcile_lists_then_resubmits_a_record_without_a_message(
     env = {"REDIS_URL": redis_server.url, "SUBMIT_GRACE_S": "0.01"}
     runner = CliRunner()
 
+    time.sleep(0.05)  # past SUBMIT_GRACE_S
     dry = runner.invoke(main, ["reconcile", "--dry-run", "--json"], env=env)
     assert dry.exit_code == 0, dry.output
     [item] = json.loads(dry.stdout)
@@ -53,8 +55,6 @@ def test_reconcile_without_redis_is_a_clear_error() -> None:
 def test_the_pass_lock_admits_one_pass_per_interval_whoever_asks(
     redis_client: redis.Redis,
 ) -> None:
-    import time
-
     from worker.jobs.reconcile import redis_lock
 
     redis_client.flushdb()

@@ -101,15 +101,18 @@ def _connect_reconciler(app: ServiceCelery) -> None:
     """Every worker runs the reconcile loop; the Redis lock lets one pass run at a time."""
     loops: list[ReconcileLoop] = []
 
-    def start(**_: Any) -> None:
+    def start(sender: Any = None, **_: Any) -> None:
+        if not _ours(app, sender):
+            return
         rt = Runtime(app.settings)  # its own clients: the loop lives in the main process
         loop = ReconcileLoop(make_reconciler(rt, make_publisher(app)), redis_lock(rt.redis))
         loops.append(loop)
         loop.start()
 
-    def stop(**_: Any) -> None:
-        for loop in loops:
-            loop.stop()
+    def stop(sender: Any = None, **_: Any) -> None:
+        if _ours(app, sender):
+            for loop in loops:
+                loop.stop()
 
     signals.worker_ready.connect(start, weak=False)
     signals.worker_shutdown.connect(stop, weak=False)
@@ -121,16 +124,24 @@ def _connect_runtime_signals(app: ServiceCelery) -> None:
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
-        if "prefork" not in str(pool):
+        if _ours(app, sender) and "prefork" not in str(pool):
             app.runtime.build_all()
 
-    def on_shutdown(**_: Any) -> None:
-        app.close_runtime()
+    def on_shutdown(sender: Any = None, **_: Any) -> None:
+        if sender is None or _ours(app, sender):
+            app.close_runtime()
 
     signals.worker_process_init.connect(on_process_init, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_process_shutdown.connect(on_shutdown, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
+
+
+def _ours(app: ServiceCelery, sender: Any) -> bool:
+    """Is this signal about a worker of ``app``? (Celery's signals are process-wide: a
+    process that built several apps, as tests do, must not start one app's loop for
+    another's worker.)"""
+    return getattr(sender, "app", None) is app
 
 
 def worker_app(settings: Settings) -> ServiceCelery:

@@ -13,6 +13,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_REJECTED = "upstream_rejected"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
+    UPSTREAM_EXPIRED = "upstream_expired"
     GENERATION_FAILED = "generation_failed"
     UPSTREAM_CANCELLED = "upstream_cancelled"
     CANCELLED = "cancelled"
@@ -23,3 +24,4 @@ class ErrorCode(StrEnum):
     OUTPUT_FORBIDDEN = "output_forbidden"
     STORAGE_ERROR = "storage_error"
     INTERNAL_ERROR = "internal_error"
+    SUBMIT_AMBIGUOUS = "submit_ambiguous"

@@ -27,6 +27,11 @@ METADATA_MAX_BYTES: Final = 4096
 WEBHOOK_URL_MAX_CHARS: Final = 2048
 
 JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
+#: Who a job is for: same characters as an idempotency key. Jobs of different tenants share
+#: RunComfy's capacity fairly (round-robin), whatever the size of each tenant's batch.
+Tenant = Annotated[str, StringConstraints(pattern=IDEMPOTENCY_KEY_PATTERN)]
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: Final[tuple[Priority, ...]] = ("high", "normal", "low")
 
 
 def _check_webhook_url(value: str) -> str:
@@ -88,6 +93,15 @@ class JobRequest(BaseModel):
     metadata: dict[str, str] = Field(
         default_factory=dict,
         description="Free string pairs (at most 4 KB as JSON), echoed in the record and webhook.",
+    )
+    tenant: Tenant | None = Field(
+        default=None,
+        description="Who the job is for (1 to 128 of [A-Za-z0-9._:-]): waiting jobs get free "
+        "RunComfy slots round-robin across tenants. None: the shared default tenant.",
+    )
+    priority: Priority = Field(
+        default="normal",
+        description="high before normal before low when jobs wait for a RunComfy slot.",
     )
 
     @field_validator("metadata")
@@ -162,6 +176,21 @@ class WebhookInfo(BaseModel):
     deliveries: list[WebhookDelivery] = Field(default_factory=list)
 
 
+class WaitInfo(BaseModel):
+    """Why a ``queued`` job has not been sent upstream yet, and where it stands."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Literal["slot", "paused"] = Field(
+        description="slot: waiting for a free RunComfy slot (RUNCOMFY_MAX_CONCURRENCY, "
+        "TENANT_MAX_CONCURRENCY); paused: submissions are paused fleet-wide (account error)."
+    )
+    since: AwareDatetime
+    position: int | None = Field(
+        default=None, ge=0, description="Jobs ahead of it in its tenant and priority (0: next)."
+    )
+
+
 class JobRecord(BaseModel):
     """Everything the service knows about one job; the job store is its single source of truth."""
 
@@ -175,6 +204,9 @@ class JobRecord(BaseModel):
     finished_at: AwareDatetime | None = None
     request_id: str | None = Field(default=None, description="Upstream's request id.")
     queue_position: int | None = None
+    wait: WaitInfo | None = Field(
+        default=None, description="Set while a queued job waits for a RunComfy slot."
+    )
     request: JobRequest | None = Field(
         default=None, description="The request; null only when it could not be parsed."
     )

@@ -120,6 +120,10 @@ def progress_line(record: JobRecord, now: datetime | None = None) -> str:
     parts = [record.id, f"{record.status.value:<11}"]
     if record.queue_position is not None:
         parts.append(f"queue position {record.queue_position}")
+    elif record.wait is not None and record.status.value == "queued":
+        what = "a RunComfy slot" if record.wait.reason == "slot" else "the account (paused)"
+        ahead = f", {record.wait.position} ahead" if record.wait.position is not None else ""
+        parts.append(f"waiting for {what}{ahead}")
     parts.append(f"{_elapsed(record, now):6.1f}s")
     return "  ".join(parts)
 
@@ -256,6 +260,15 @@ nothing is queued then.
     metavar="KEY=VALUE",
     help="Echoed in the record and webhook (repeatable).",
 )
+@click.option(
+    "--tenant", default=None, metavar="NAME", help="Who the job is for (fair shares of RunComfy)."
+)
+@click.option(
+    "--priority",
+    type=click.Choice(["high", "normal", "low"]),
+    default=None,
+    help="When jobs wait for a RunComfy slot. [default: normal]",
+)
 @click.option("--wait", "wait_", is_flag=True, help="Follow the job until it is final.")
 @click.option(
     "--timeout", type=float, default=None, metavar="SECONDS", help="With --wait: give up then."
@@ -271,6 +284,8 @@ def submit(
     webhook_url: str | None,
     idempotency_key: str | None,
     metadata: tuple[str, ...],
+    tenant: str | None,
+    priority: str | None,
     wait_: bool,
     timeout: float | None,
     as_json: bool,
@@ -304,6 +319,8 @@ def submit(
                 webhook_url=webhook_url,
                 idempotency_key=idempotency_key,
                 metadata=pairs or None,
+                tenant=tenant,
+                priority=priority,
             )
             if not as_json:
                 click.echo(f"job {record.id} {record.status.value}")
@@ -541,6 +558,50 @@ def reconcile(dry_run: bool, as_json: bool, limit: int | None, redis_url: str | 
             f"  {verb} {fields['action']}: {fields['reason']}"
         )
     click.echo(f"{len(done)} overdue job(s)", err=True)
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  runcomfy-worker resume          # after topping up the balance or fixing the token
+
+\b
+An account error from RunComfy (401/403, 400002 insufficient balance, 400004, 403001)
+pauses submissions fleet-wide: jobs stay queued, `runcomfy-worker healthcheck --ready` says
+why, and one job tries again every RUNCOMFY_ACCOUNT_PROBE_S. This closes the circuit now.""",
+)
+@_redis_url_option
+def resume(redis_url: str | None) -> None:
+    """Resume submissions paused by an account error, at once."""
+    import redis as redis_lib
+
+    from worker.queueing.config import celery_config
+    from worker.queueing.publish import make_publisher
+    from worker.queueing.run import make_reconciler
+    from worker.runtime import Runtime
+    from worker.settings import load_settings
+
+    with reported_errors():
+        settings = load_settings(redis={"url": redis_url}) if redis_url else load_settings()
+        from celery import Celery
+
+        app = Celery("runcomfy_resume", set_as_current=False)
+        app.conf.update(celery_config(settings))
+        rt = Runtime(settings)
+        try:
+            pause = rt.admission.paused()
+            rt.admission.resume()
+            admitted = make_reconciler(rt, make_publisher(app)).handoff.admit_waiting()
+        except redis_lib.RedisError as exc:
+            _fail(f"cannot reach Redis: {exc}")
+            return
+        finally:
+            rt.close()
+            app.close()
+    if pause is None:
+        click.echo("submissions were not paused")
+    else:
+        click.echo(f"resumed (paused by {pause.code}: {pause.message}); {len(admitted)} admitted")
 
 
 # ====================================================================== dead letters

@@ -6,14 +6,25 @@ The one drawing of the tree (other modules point here)::
     ├── ConfigError                   a setting is missing or malformed (names the variable)
     ├── UpstreamError                 RunComfy answered badly or not at all (services.runcomfy)
     │   ├── RetryableUpstreamError    try again later: 408, 429, 5xx (status_code, retry_after_s
-    │   │                             from Retry-After, seconds or a date); timeouts; refused,
-    │   │                             reset or half-closed connections
-    │   ├── PermanentUpstreamError    fails the same way again: 400/401/403/404/422 and every
-    │   │   │                         other 4xx (status_code; upstream's message, ~500 chars)
-    │   │   └── NotCancellableError   cancel refused: 409, a 400 saying the request is running,
-    │   │                             or (producers) a job already running upstream
+    │   │   │                         from Retry-After, seconds or a date); a 2xx whose body has
+    │   │   │                         a 5xxxxx error_code; timeouts; refused, reset or
+    │   │   │                         half-closed connections
+    │   │   └── AmbiguousSubmitError  the submit POST was sent but no answer came back (read
+    │   │                             timeout, reset, disconnect): upstream may have accepted,
+    │   │                             and billed, a request whose id we never saw
+    │   ├── PermanentUpstreamError    fails the same way again: 400/404/422 and every other 4xx;
+    │   │   │                         a 2xx whose body has a 4xxxxx error_code (status_code;
+    │   │   │                         upstream's message, ~500 chars)
+    │   │   ├── NotCancellableError   cancel refused: 409, a 400 saying the request is running,
+    │   │   │                         or (producers) a job already running upstream
+    │   │   ├── UpstreamAccountError  the account cannot submit: error_code 400002 (balance),
+    │   │   │                         400004 (account), 403001 (permission); or HTTP 401/403
+    │   │   │                         with no error_code (bad token): not one request's fault
+    │   │   └── UpstreamExpiredError  error_code 404001: the request id does not exist, was
+    │   │                             deleted or expired (status_code 404)
     │   ├── UpstreamProtocolError     a 2xx that is not the documented answer: malformed JSON,
-    │   │                             a missing request_id, an unknown status; a redirect
+    │   │                             a missing request_id, an unknown status, an error_code
+    │   │                             that is neither 4xxxxx nor 5xxxxx; a redirect
     │   └── GenerationFailedError     upstream reported the generation itself as failed
     ├── DownloadError                 fetching an output file (.retryable)
     │   └── OutputTooLargeError       over the documented size limit
@@ -31,8 +42,11 @@ The one drawing of the tree (other modules point here)::
         ├── WaitTimeoutError          wait()/cancel() ran out of time (.record: last seen)
         └── TryAgainError             the job is being submitted right now; try again shortly
 
-The RunComfy token never appears in any of these: httpx exceptions, which hold the request
-and its headers, are not chained into ours.
+Every UpstreamError has ``error_code`` (RunComfy's numeric code from a top-level
+``{error_code, error_message}`` body, or None) and ``upstream_message`` (upstream's own words,
+truncated, or None). The RunComfy token never appears in any of these: httpx exceptions, which
+hold the request and its headers, are not chained into ours, and echoes of the token in
+upstream's words are redacted.
 """
 
 from __future__ import annotations
@@ -54,25 +68,62 @@ class ConfigError(ServiceError, ValueError):
 
 
 class UpstreamError(ServiceError):
-    """RunComfy did not give a usable answer."""
+    """RunComfy did not give a usable answer.
+
+    ``error_code``: RunComfy's numeric code when its body carried one (``{"error_code":
+    400002, "error_message": …}``), else None; ``upstream_message``: upstream's own words
+    (truncated, the token redacted) when it said anything, else None."""
+
+    error_code: int | None = None
+    upstream_message: str | None = None
+
+    def __init__(
+        self, message: str, *, error_code: int | None = None, upstream_message: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+        self.upstream_message = upstream_message
 
 
 class RetryableUpstreamError(UpstreamError):
-    """Worth retrying later (429, 5xx, timeouts, connection errors)."""
+    """Worth retrying later (429, 5xx, a 5xxxxx error_code, timeouts, connection errors)."""
 
     def __init__(
-        self, message: str, *, status_code: int | None = None, retry_after_s: float | None = None
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        retry_after_s: float | None = None,
+        error_code: int | None = None,
+        upstream_message: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, error_code=error_code, upstream_message=upstream_message)
         self.status_code = status_code
         self.retry_after_s = retry_after_s
 
 
-class PermanentUpstreamError(UpstreamError):
-    """Will fail the same way again (bad input, bad token, unknown model or request)."""
+class AmbiguousSubmitError(RetryableUpstreamError):
+    """The submit POST was fully sent but no answer was read: a read timeout, a reset or a
+    disconnect after sending. Upstream may have accepted (and billed) a request whose id we
+    never saw; submitting again may cost a second generation. Never raised by status, result
+    or cancel (idempotent reads), nor when nothing was sent (connect/pool/write failures)."""
 
-    def __init__(self, message: str, *, status_code: int) -> None:
-        super().__init__(message)
+
+class PermanentUpstreamError(UpstreamError):
+    """Will fail the same way again (bad input, unknown model or request, a 4xxxxx code).
+
+    ``status_code``: the HTTP status; for an error_code on a 2xx answer, the status the code's
+    first three digits name (400001 → 400)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        error_code: int | None = None,
+        upstream_message: str | None = None,
+    ) -> None:
+        super().__init__(message, error_code=error_code, upstream_message=upstream_message)
         self.status_code = status_code
 
 
@@ -88,8 +139,15 @@ class NotCancellableError(PermanentUpstreamError):
         status_code: int = 409,
         job_id: str | None = None,
         status: JobStatus | None = None,
+        error_code: int | None = None,
+        upstream_message: str | None = None,
     ) -> None:
-        super().__init__(message, status_code=status_code)
+        super().__init__(
+            message,
+            status_code=status_code,
+            error_code=error_code,
+            upstream_message=upstream_message,
+        )
         self.job_id = job_id
         self.status = status
 
@@ -100,6 +158,25 @@ class NotCancellableError(PermanentUpstreamError):
             f"job {job_id} is {status.value}: not cancellable, upstream cannot cancel running work",
             job_id=job_id,
             status=status,
+        )
+
+
+class UpstreamAccountError(PermanentUpstreamError):
+    """The account cannot submit anything: RunComfy's error_code 400002 (insufficient
+    balance), 400004 (user account error) or 403001 (permission denied), or HTTP 401/403
+    without an error_code (a bad or revoked token). Not one request's fault: callers pause
+    submissions fleet-wide rather than failing job after job."""
+
+
+class UpstreamExpiredError(PermanentUpstreamError):
+    """RunComfy's error_code 404001: the request id does not exist, was deleted or expired
+    (request ids expire; no TTL is published). ``status_code`` is 404 however it came."""
+
+    def __init__(
+        self, message: str, *, error_code: int | None = 404001, upstream_message: str | None = None
+    ) -> None:
+        super().__init__(
+            message, status_code=404, error_code=error_code, upstream_message=upstream_message
         )
 
 

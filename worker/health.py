@@ -246,5 +246,42 @@ def healthcheck_command(ctx: click.Context, path: str | None, max_age: float, re
         )
         ctx.exit(1)
     result = check_heartbeat(path, max_age, require_consuming=ready)
+    if result.ok and ready:
+        result = _account_readiness(result)
     click.echo(result.reason, err=not result.ok)
     ctx.exit(0 if result.ok else 1)
+
+
+def _account_readiness(result: HealthResult) -> HealthResult:
+    """Readiness also says when submissions are paused fleet-wide, and why. Redis being
+    unreachable is not reported here: the heartbeat already says "not consuming" then."""
+    import redis  # noqa: PLC0415 - only --ready needs Redis; liveness must stay file-only
+
+    from worker.jobs.admission import RedisAdmission  # noqa: PLC0415 - as above
+    from worker.services.redis_client import make_redis  # noqa: PLC0415 - as above
+    from worker.settings import load_settings  # noqa: PLC0415 - as above
+
+    try:
+        settings = load_settings()
+        client = make_redis(settings.redis, socket_timeout=2, connect_timeout=2)
+        try:
+            pause = RedisAdmission(
+                client,
+                max_concurrency=None,
+                tenant_max_concurrency=None,
+                max_submits_per_s=None,
+                probe_interval_s=settings.runcomfy.account_probe_s,
+            ).paused()
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError):
+        return result
+    if pause is None:
+        return result
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pause.since))
+    return HealthResult(
+        False,
+        f"not ready: submissions paused fleet-wide since {since} by an account error "
+        f"({pause.code}: {pause.message}); jobs stay queued; `runcomfy-worker resume` "
+        "or the next probe closes it",
+    )

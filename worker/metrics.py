@@ -90,6 +90,15 @@ PARKED_WAITS: Final = Counter(
     "Long waits parked in the due index instead of held as countdowns, by task.",
     ["task"],
 )
+SUBMIT_COOLDOWNS: Final = Counter(
+    "runcomfy_submit_cooldowns_total",
+    "429s from RunComfy that paused every submit of the fleet until their Retry-After.",
+)
+ACCOUNT_PAUSES: Final = Counter(
+    "runcomfy_account_pauses_total",
+    "Account errors that paused submissions fleet-wide (circuit opened), by error code.",
+    ["code"],
+)
 STEP_ERRORS: Final = Counter(
     "runcomfy_step_errors_total",
     "Unexpected exceptions raised by a step (retried, then the job fails internal_error).",

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 import redis
 
+from worker.jobs.admission import RedisAdmission
 from worker.jobs.store import JobStore, RedisJobStore
 from worker.services.redis_client import make_redis
 from worker.services.runcomfy import RunComfyClient
@@ -48,6 +49,18 @@ class Runtime:
     def runcomfy(self) -> RunComfyClient:
         """RunComfy client (operator's endpoint: not behind the SSRF guard)."""
         return RunComfyClient(self.settings.runcomfy)
+
+    @cached_property
+    def admission(self) -> RedisAdmission:
+        """Fleet-wide caps, rate, 429 cooldown and account circuit (in Redis)."""
+        rc = self.settings.runcomfy
+        return RedisAdmission(
+            self.redis,
+            max_concurrency=rc.max_concurrency,
+            tenant_max_concurrency=self.settings.tenant.max_concurrency,
+            max_submits_per_s=rc.max_submits_per_s,
+            probe_interval_s=rc.account_probe_s,
+        )
 
     @property
     def upstream(self) -> RunComfyClient:

@@ -13,7 +13,7 @@ import binascii
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -145,6 +145,24 @@ class RunComfySettings(_Section):
         gt=0,
         description="Total seconds one output file may take to download (per-read timeout too).",
     )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most jobs in RunComfy at once across the fleet (unset: no limit).",
+    )
+    max_submits_per_s: float | None = Field(
+        default=None, gt=0, description="Fleet-wide submits per second (unset: no limit)."
+    )
+    account_probe_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="After an account error pauses submissions, try one job again this often.",
+    )
+
+    @field_validator("max_concurrency", "max_submits_per_s", mode="before")
+    @classmethod
+    def _unset_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     @field_validator("base_url")
     @classmethod
@@ -295,6 +313,27 @@ class SubmitSettings(_Section):
         gt=0,
         description="A queued job not picked up by then gets its submit message again.",
     )
+    ambiguous: Literal["resubmit", "fail"] = Field(
+        default="resubmit",
+        description="After a submit timed out having sent the request (maybe accepted and "
+        "billed): submit again, or fail the job (submit_ambiguous).",
+    )
+
+
+class TenantSettings(_Section):
+    """Fair shares across tenants."""
+
+    model_config = SettingsConfigDict(env_prefix="TENANT_")
+    env_prefix_name: ClassVar[str] = "TENANT_"
+
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="Most jobs of one tenant in RunComfy at once."
+    )
+
+    @field_validator("max_concurrency", mode="before")
+    @classmethod
+    def _unset_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
 
 class BrokerSettings(_Section):
@@ -338,6 +377,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "job": JobSettings,
     "reconcile": ReconcileSettings,
     "submit": SubmitSettings,
+    "tenant": TenantSettings,
     "broker": BrokerSettings,
     "worker": WorkerSettings,
 }
@@ -356,6 +396,7 @@ class Settings(BaseModel):
     job: JobSettings = Field(default_factory=JobSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     submit: SubmitSettings = Field(default_factory=SubmitSettings)
+    tenant: TenantSettings = Field(default_factory=TenantSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     allow_private_networks: bool = False

@@ -16,9 +16,11 @@ from api_contracts.inputs import GenerationInput
 from api_contracts.upstream import StatusResponse
 from worker.devtools.emulator import EmulatorConfig, EmulatorServer, FaultRule
 from worker.errors import (
+    AmbiguousSubmitError,
     NotCancellableError,
     PermanentUpstreamError,
     RetryableUpstreamError,
+    UpstreamAccountError,
     UpstreamError,
     UpstreamProtocolError,
 )
@@ -284,8 +286,10 @@ def test_slow_answer_times_out_as_retryable(
     emu: EmulatorServer, client: RunComfyClient, queued_id: str, endpoint: str
 ) -> None:
     emu.set_faults([FaultRule(kind="slow", endpoint=endpoint, delay_s=0.6)])
+    # A submit that was sent and timed out is ambiguous: upstream may have accepted it.
+    expected = AmbiguousSubmitError if endpoint == "submit" else RetryableUpstreamError
     with make_client(emu, read_timeout_s=0.15) as impatient:
-        err = raises(RetryableUpstreamError, call_on(impatient, endpoint, queued_id))
+        err = raises(expected, call_on(impatient, endpoint, queued_id))
     assert isinstance(err, RetryableUpstreamError)
     assert err.status_code is None
     assert "timed out" in str(err)
@@ -312,7 +316,8 @@ def test_connection_reset_is_retryable(
 ) -> None:
     emu.set_faults([FaultRule(kind="reset", endpoint=endpoint)])
     call = call_on(client, endpoint, queued_id)
-    err = raises(RetryableUpstreamError, call)
+    expected = AmbiguousSubmitError if endpoint == "submit" else RetryableUpstreamError
+    err = raises(expected, call)
     assert isinstance(err, RetryableUpstreamError)
     assert err.status_code is None
     assert any(name in str(err) for name in ("RemoteProtocolError", "ReadError"))
@@ -362,7 +367,7 @@ def test_output_404_leaves_the_result_intact(emu: EmulatorServer, client: RunCom
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_wrong_token_is_permanent(emu: EmulatorServer, queued_id: str, endpoint: str) -> None:
     with make_client(emu, api_token=SecretStr("wrong-token")) as intruder:
-        err = raises(PermanentUpstreamError, call_on(intruder, endpoint, queued_id))
+        err = raises(UpstreamAccountError, call_on(intruder, endpoint, queued_id))
     assert isinstance(err, PermanentUpstreamError)
     assert err.status_code == 401
     assert "invalid Bearer token" in str(err)
@@ -371,7 +376,7 @@ def test_wrong_token_is_permanent(emu: EmulatorServer, queued_id: str, endpoint:
 
 def test_missing_token_is_permanent(emu: EmulatorServer) -> None:
     with make_client(emu, api_token=None) as anonymous:
-        err = raises(PermanentUpstreamError, lambda: anonymous.submit(SINGLE))
+        err = raises(UpstreamAccountError, lambda: anonymous.submit(SINGLE))
     assert isinstance(err, PermanentUpstreamError)
     assert err.status_code == 401
 

@@ -120,7 +120,10 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str, str]] = [
     ({"input": {"prompt": "x"}, "idempotency_key": "k" * 129}, "idempotency_key", "pattern"),
     ({"input": {"prompt": "x"}, "metadata": {"a": "b" * 5000}}, "metadata", "at most 4096"),
     ({"input": {"prompt": "x"}, "metadata": {"a": 1}}, "metadata.a", "string"),
-    ({"input": {"prompt": "x"}, "priority": 1}, "priority", "Extra inputs"),
+    ({"input": {"prompt": "x"}, "colour": 1}, "colour", "Extra inputs"),
+    ({"input": {"prompt": "x"}, "priority": "urgent"}, "priority", "'high', 'normal' or 'low'"),
+    ({"input": {"prompt": "x"}, "tenant": "has space"}, "tenant", "pattern"),
+    ({"input": {"prompt": "x"}, "tenant": "t" * 129}, "tenant", "pattern"),
     ({"input": {"prompt": ""}}, "input.prompt", "at least 1"),
 ]
 

@@ -8,13 +8,17 @@ from api_contracts.errors import ErrorCode
 from api_contracts.jobs import JobStatus
 from api_contracts.upstream import StatusResponse
 from worker.errors import (
+    AmbiguousSubmitError,
     DownloadError,
+    NotCancellableError,
     OutputTooLargeError,
     PermanentUpstreamError,
     RetryableUpstreamError,
     ServiceError,
     StorageError,
     TargetForbiddenError,
+    UpstreamAccountError,
+    UpstreamExpiredError,
     UpstreamProtocolError,
 )
 from worker.jobs import decisions as d
@@ -204,7 +208,60 @@ def test_protocol_errors_tolerated_a_few_times() -> None:
     assert got.code == ErrorCode.UPSTREAM_PROTOCOL_ERROR
 
 
-def submit_err(err: ServiceError, attempt: int = 1, age: float = 0) -> d.Reschedule | d.Fail:
+EXPIRED = UpstreamExpiredError(
+    "RunComfy GET /v1/requests/r/status answered 200 with error_code 404001: Request expired",
+    upstream_message="Request expired",
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "age", "streak"),
+    [
+        (S.IN_QUEUE, 12, 0),
+        (S.IN_PROGRESS, 12, 0),
+        (S.IN_QUEUE, 99999, 0),  # past the deadline: nothing to cancel upstream
+        (S.IN_PROGRESS, 99999, 0),
+        (S.IN_QUEUE, 12, d.MAX_PROTOCOL_ERRORS + 3),
+    ],
+)
+def test_poll_expired_request_fails_with_upstreams_message(
+    status: JobStatus, age: float, streak: int
+) -> None:
+    got = poll(EXPIRED, status=status, age=age, streak=streak)
+    assert got == d.Fail(ErrorCode.UPSTREAM_EXPIRED, "Request expired")
+    assert type(got) is d.Fail
+
+
+def test_poll_expired_without_a_message_uses_the_error_text() -> None:
+    got = poll(UpstreamExpiredError("RunComfy answered 404 with error_code 404001: (empty)"))
+    assert got == d.Fail(
+        ErrorCode.UPSTREAM_EXPIRED, "RunComfy answered 404 with error_code 404001: (empty)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (UpstreamAccountError("no balance", status_code=400, error_code=400002), d.Fail),
+        (PermanentUpstreamError("unknown request", status_code=404), d.Fail),
+        (PermanentUpstreamError("other", status_code=400, error_code=400001), d.Fail),
+    ],
+)
+def test_poll_other_permanent_errors_stay_upstream_rejected(
+    error: ServiceError, expected: type[d.Fail]
+) -> None:
+    got = poll(error)
+    assert type(got) is expected
+    assert isinstance(got, d.Fail) and got.code == ErrorCode.UPSTREAM_REJECTED
+
+
+def test_poll_ambiguous_error_class_is_just_transient_there() -> None:
+    # never raised by status calls; if it were, it is a retryable error like any other
+    got = poll(AmbiguousSubmitError("read timeout"), streak=3)
+    assert got == d.Reschedule(4.0, "transient_error")
+
+
+def submit_err(err: ServiceError, attempt: int = 1, age: float = 0) -> d.SubmitDecision:
     return d.decide_submit_error(err, attempt=attempt, age_s=age, deadline_s=1800, jitter=1.0)
 
 
@@ -223,6 +280,85 @@ def test_submit_retryable_honours_retry_after_and_is_bounded() -> None:
     final = submit_err(err, attempt=d.MAX_SUBMIT_ATTEMPTS)
     assert isinstance(final, d.Fail)
     assert final.code == ErrorCode.UPSTREAM_UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("error", "error_code"),
+    [
+        (UpstreamAccountError("insufficient balance", status_code=400, error_code=400002), 400002),
+        (UpstreamAccountError("user account error", status_code=400, error_code=400004), 400004),
+        (UpstreamAccountError("permission denied", status_code=403, error_code=403001), 403001),
+        (UpstreamAccountError("bad token", status_code=401), None),
+        (UpstreamAccountError("forbidden", status_code=403), None),
+    ],
+)
+@pytest.mark.parametrize("attempt", [1, d.MAX_SUBMIT_ATTEMPTS + 5])
+def test_submit_account_error_pauses_the_account(
+    error: UpstreamAccountError, error_code: int | None, attempt: int
+) -> None:
+    got = submit_err(error, attempt=attempt, age=99999)
+    assert isinstance(got, d.PauseAccount)
+    assert isinstance(got, d.Fail)  # a step that does not know PauseAccount still fails the job
+    assert got.code == ErrorCode.UPSTREAM_REJECTED
+    assert got.error_code == error_code
+    assert str(error) in got.message
+    assert str(error.status_code) in got.message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermanentUpstreamError("invalid input", status_code=422),
+        PermanentUpstreamError("invalid resource", status_code=400, error_code=400001),
+        UpstreamExpiredError("gone", upstream_message="gone"),
+        NotCancellableError("running"),
+    ],
+)
+def test_submit_other_permanent_errors_fail_plainly(error: PermanentUpstreamError) -> None:
+    got = submit_err(error)
+    assert type(got) is d.Fail
+    assert got.code == ErrorCode.UPSTREAM_REJECTED
+
+
+def test_submit_ambiguous_is_its_own_reschedule() -> None:
+    err = AmbiguousSubmitError("read timeout after sending")
+    got = submit_err(err, attempt=3)
+    assert got == d.AmbiguousSubmit(4.0)
+    assert isinstance(got, d.Reschedule)  # a step that does not know it submits again
+    assert got.reason == "ambiguous_submit"
+    assert got.countdown == 4.0
+    assert got != d.Reschedule(4.0, "ambiguous_submit")  # distinguishable by type
+
+
+@pytest.mark.parametrize(
+    ("attempt", "age", "expected"),
+    [
+        (1, 0, d.AmbiguousSubmit(1.0)),
+        (d.MAX_SUBMIT_ATTEMPTS - 1, 0, d.AmbiguousSubmit(60.0)),
+        (d.MAX_SUBMIT_ATTEMPTS, 0, None),
+        (1, 1799.5, None),
+    ],
+)
+def test_submit_ambiguous_is_bounded_like_every_retry(
+    attempt: int, age: float, expected: d.AmbiguousSubmit | None
+) -> None:
+    got = submit_err(AmbiguousSubmitError("read timeout"), attempt=attempt, age=age)
+    if expected is not None:
+        assert got == expected
+    else:
+        assert type(got) is d.Fail
+        assert got.code == ErrorCode.UPSTREAM_UNAVAILABLE
+        assert "read timeout" in got.message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RetryableUpstreamError("connect timeout"), RetryableUpstreamError("503", status_code=503)],
+)
+def test_submit_plain_retryable_is_not_ambiguous(error: RetryableUpstreamError) -> None:
+    got = submit_err(error, attempt=3)
+    assert type(got) is d.Reschedule
+    assert got == d.Reschedule(4.0, "submit_retry")
 
 
 def test_submit_retry_never_past_deadline() -> None:
@@ -253,6 +389,19 @@ def test_archive_errors() -> None:
     assert isinstance(archive_err(flaky, attempt=d.MAX_ARCHIVE_ATTEMPTS), d.Fail)
     limited = archive_err(RetryableUpstreamError("429", retry_after_s=20))
     assert limited == d.Reschedule(20.0, "archive_retry")
+
+
+@pytest.mark.parametrize("attempt", [1, d.MAX_ARCHIVE_ATTEMPTS + 1])
+def test_archive_expired_result_fails_with_upstreams_message(attempt: int) -> None:
+    got = archive_err(EXPIRED, attempt=attempt)
+    assert got == d.Fail(ErrorCode.UPSTREAM_EXPIRED, "Request expired")
+
+
+def test_archive_other_permanent_result_errors_stay_upstream_rejected() -> None:
+    got = archive_err(UpstreamAccountError("forbidden", status_code=403))
+    assert isinstance(got, d.Fail) and got.code == ErrorCode.UPSTREAM_REJECTED
+    got = archive_err(PermanentUpstreamError("bad id", status_code=400, error_code=400001))
+    assert isinstance(got, d.Fail) and got.code == ErrorCode.UPSTREAM_REJECTED
 
 
 def test_retry_after_is_honoured_even_when_shorter_than_backoff() -> None:

@@ -63,7 +63,14 @@ SCRIPTS = sorted((WORKER / "jobs" / "scripts").glob("*.lua"))
 
 
 def test_there_are_lua_scripts() -> None:
-    assert [p.name for p in SCRIPTS] == ["claim.lua", "create.lua", "update.lua"]
+    assert [p.name for p in SCRIPTS] == [
+        "admit.lua",
+        "bucket.lua",
+        "claim.lua",
+        "create.lua",
+        "enter.lua",
+        "update.lua",
+    ]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

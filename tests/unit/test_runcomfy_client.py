@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,10 +19,13 @@ from api_contracts.inputs import SIZE_KEY, GenerationInput
 from api_contracts.upstream import CancelResponse, ResultResponse, StatusResponse, SubmitResponse
 from worker import __version__
 from worker.errors import (
+    AmbiguousSubmitError,
     NotCancellableError,
     PermanentUpstreamError,
     RetryableUpstreamError,
+    UpstreamAccountError,
     UpstreamError,
+    UpstreamExpiredError,
     UpstreamProtocolError,
 )
 from worker.services.runcomfy import RunComfyClient, classify_response, parse_retry_after
@@ -65,6 +70,7 @@ def assert_no_leak(exc: BaseException) -> None:
     assert SENTINEL not in "".join(traceback.format_exception(exc))
     assert exc.__cause__ is None
     assert not any(isinstance(v, httpx.Request | httpx.Response) for v in vars(exc).values())
+    assert SENTINEL not in repr(vars(exc))  # upstream_message included
 
 
 def call_raising(expected: type[UpstreamError], call: Callable[[], object]) -> UpstreamError:
@@ -236,7 +242,7 @@ def test_no_token_configured_sends_no_authorization() -> None:
         return httpx.Response(401, json={"message": "missing token"})
 
     with client_for(handler, api_token=None) as client:
-        err = call_raising(PermanentUpstreamError, lambda: client.status("r"))
+        err = call_raising(UpstreamAccountError, lambda: client.status("r"))
     assert "Authorization" not in seen[0].headers
     assert "missing token" in str(err)
 
@@ -265,18 +271,22 @@ def test_closed_client_refuses_to_send() -> None:
 
 # --- status-code classification ----------------------------------------------------------
 
-PERMANENT = [400, 401, 403, 404, 405, 410, 413, 415, 418, 422]
+PERMANENT = [400, 404, 405, 410, 413, 415, 418, 422]
+ACCOUNT_HTTP = [401, 403]
 RETRYABLE = [408, 429, 500, 502, 503, 504, 599]
 
 
 @pytest.mark.parametrize("name", list(CALLS))
-@pytest.mark.parametrize("code", PERMANENT)
+@pytest.mark.parametrize("code", PERMANENT + ACCOUNT_HTTP)
 def test_4xx_is_permanent_with_upstream_message(name: str, code: int) -> None:
     body = {"error": {"message": f"nope-{code}"}}
+    expected = UpstreamAccountError if code in ACCOUNT_HTTP else PermanentUpstreamError
     with client_for(answer(body, code)) as client:
-        err = call_raising(PermanentUpstreamError, lambda: CALLS[name](client))
+        err = call_raising(expected, lambda: CALLS[name](client))
     assert isinstance(err, PermanentUpstreamError)
     assert err.status_code == code
+    assert err.error_code is None
+    assert err.upstream_message == f"nope-{code}"
     assert f"nope-{code}" in str(err)
     assert str(code) in str(err)
 
@@ -412,8 +422,8 @@ def test_classify_truncates_long_messages() -> None:
     ("code", "expected"),
     [
         (400, PermanentUpstreamError),
-        (401, PermanentUpstreamError),
-        (403, PermanentUpstreamError),
+        (401, UpstreamAccountError),
+        (403, UpstreamAccountError),
         (404, PermanentUpstreamError),
         (408, RetryableUpstreamError),
         (409, PermanentUpstreamError),
@@ -453,34 +463,316 @@ def test_classify_retry_after_on_503() -> None:
 # --- transport failures --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "exc",
-    [
-        httpx.ConnectError("[Errno 111] Connection refused"),
-        httpx.ConnectTimeout("timed out"),
-        httpx.ReadTimeout("timed out"),
-        httpx.WriteTimeout("timed out"),
-        httpx.PoolTimeout("timed out"),
-        httpx.ReadError("[Errno 104] Connection reset by peer"),
-        httpx.WriteError("broken pipe"),
-        httpx.RemoteProtocolError("Server disconnected without sending a response."),
-        httpx.ProxyError("proxy down"),
-    ],
-    ids=lambda e: type(e).__name__,
-)
+#: Failures before the request was completely sent: upstream cannot have accepted it.
+NOT_SENT = [
+    httpx.ConnectError("[Errno 111] Connection refused"),
+    httpx.ConnectTimeout("timed out"),
+    httpx.WriteTimeout("timed out"),
+    httpx.PoolTimeout("timed out"),
+    httpx.WriteError("broken pipe"),
+    httpx.ProxyError("proxy down"),
+    httpx.UnsupportedProtocol("Request URL has an unsupported protocol 'ftp://'"),
+    httpx.LocalProtocolError("Illegal header value"),
+]
+#: Failures after the request was sent, before an answer was read.
+AFTER_SENDING = [
+    httpx.ReadTimeout("timed out"),
+    httpx.ReadError("[Errno 104] Connection reset by peer"),
+    httpx.RemoteProtocolError("Server disconnected without sending a response."),
+    httpx.CloseError("close failed"),
+]
+
+
+@pytest.mark.parametrize("exc", NOT_SENT + AFTER_SENDING, ids=lambda e: type(e).__name__)
 @pytest.mark.parametrize("name", list(CALLS))
 def test_transport_errors_are_retryable(name: str, exc: httpx.TransportError) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc
 
+    # The submit POST is paid: a failure after sending is ambiguous (tested below).
+    expected = (
+        AmbiguousSubmitError
+        if name == "submit" and any(exc is e for e in AFTER_SENDING)
+        else RetryableUpstreamError
+    )
     with client_for(handler) as client:
-        err = call_raising(RetryableUpstreamError, lambda: CALLS[name](client))
+        err = call_raising(expected, lambda: CALLS[name](client))
     assert isinstance(err, RetryableUpstreamError)
     assert err.status_code is None
     assert err.retry_after_s is None
     assert type(exc).__name__ in str(err)
     if isinstance(exc, httpx.TimeoutException):
         assert "timed out" in str(err)
+
+
+def test_read_timeout_on_submit_is_ambiguous() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with client_for(handler) as client:
+        err = call_raising(AmbiguousSubmitError, lambda: client.submit(INPUT))
+    assert isinstance(err, RetryableUpstreamError)  # still a retryable error for old callers
+    assert err.status_code is None
+    assert err.retry_after_s is None
+    assert "may have accepted" in str(err)
+    assert "ReadTimeout" in str(err)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [httpx.ConnectTimeout("timed out"), httpx.ConnectError("[Errno 111] Connection refused")],
+    ids=lambda e: type(e).__name__,
+)
+def test_nothing_sent_on_submit_is_plainly_retryable(exc: httpx.TransportError) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    with client_for(handler) as client:
+        err = call_raising(RetryableUpstreamError, lambda: client.submit(INPUT))
+    assert "may have accepted" not in str(err)
+
+
+@pytest.mark.parametrize("name", ["status", "result", "cancel"])
+def test_read_timeout_on_idempotent_calls_is_plainly_retryable(name: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with client_for(handler) as client:
+        err = call_raising(RetryableUpstreamError, lambda: CALLS[name](client))
+    assert "timed out" in str(err)
+
+
+def _silent_server() -> tuple[socket.socket, threading.Event]:
+    """A TCP server that reads a request and never answers (until ``done`` is set)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            done.wait(5)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, done
+
+
+def test_real_read_timeout_on_submit_is_ambiguous() -> None:
+    server, done = _silent_server()
+    host, port = server.getsockname()
+    try:
+        settings = make_settings(base_url=f"http://{host}:{port}", read_timeout_s=0.2)
+        with RunComfyClient(settings) as client:
+            err = call_raising(AmbiguousSubmitError, lambda: client.submit(INPUT))
+    finally:
+        done.set()
+        server.close()
+    assert "ReadTimeout" in str(err)
+
+
+def test_real_connection_refused_on_submit_is_plainly_retryable() -> None:
+    probe = socket.create_server(("127.0.0.1", 0))
+    host, port = probe.getsockname()
+    probe.close()  # nothing listens there any more
+    settings = make_settings(base_url=f"http://{host}:{port}", connect_timeout_s=1.0)
+    with RunComfyClient(settings) as client:
+        err = call_raising(RetryableUpstreamError, lambda: client.submit(INPUT))
+    assert "ConnectError" in str(err)
+
+
+# --- RunComfy error codes in the body -------------------------------------------------------
+
+
+def error_body(code: Any, message: str = "upstream says no") -> dict[str, Any]:
+    """RunComfy's error shape: a top-level error_code and error_message."""
+    return {"error_code": code, "error_message": message}
+
+
+#: (error_code as sent, class, status_code, error_code as kept) for an HTTP 200 answer.
+CODES_ON_200: list[tuple[Any, type[UpstreamError], int | None, int | None]] = [
+    (400002, UpstreamAccountError, 400, 400002),
+    (400004, UpstreamAccountError, 400, 400004),
+    (403001, UpstreamAccountError, 403, 403001),
+    ("400002", UpstreamAccountError, 400, 400002),
+    (404001, UpstreamExpiredError, 404, 404001),
+    ("404001", UpstreamExpiredError, 404, 404001),
+    (400001, PermanentUpstreamError, 400, 400001),
+    (422001, PermanentUpstreamError, 422, 422001),
+    (500001, RetryableUpstreamError, 500, 500001),
+    (" 503000 ", RetryableUpstreamError, 503, 503000),
+    (42, UpstreamProtocolError, None, 42),
+    (0, UpstreamProtocolError, None, 0),
+    (-400002, UpstreamProtocolError, None, -400002),
+    (300001, UpstreamProtocolError, None, 300001),
+    ("E_BALANCE", UpstreamProtocolError, None, None),
+    (True, UpstreamProtocolError, None, None),
+    ({"code": 1}, UpstreamProtocolError, None, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "expected", "status_code", "kept"),
+    CODES_ON_200,
+    ids=[repr(c[0]) for c in CODES_ON_200],
+)
+@pytest.mark.parametrize("name", list(CALLS))
+def test_error_code_on_200(
+    name: str,
+    code: Any,
+    expected: type[UpstreamError],
+    status_code: int | None,
+    kept: int | None,
+) -> None:
+    message = f"upstream says no to {name}"
+    with client_for(answer(error_body(code, message))) as client:
+        err = call_raising(expected, lambda: CALLS[name](client))
+    assert err.error_code == kept
+    assert err.upstream_message == message
+    assert message in str(err)
+    assert getattr(err, "status_code", None) == status_code
+    if isinstance(err, RetryableUpstreamError):
+        assert err.retry_after_s is None
+
+
+def test_error_code_on_200_keeps_retry_after() -> None:
+    handler = answer(error_body(503001, "overloaded"), 200, **{"Retry-After": "9"})
+    with client_for(handler) as client:
+        err = call_raising(RetryableUpstreamError, lambda: client.status("r"))
+    assert isinstance(err, RetryableUpstreamError)
+    assert err.retry_after_s == 9.0
+    assert err.error_code == 503001
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("request is in progress and cannot be cancelled", NotCancellableError),
+        ("invalid resource identifier", PermanentUpstreamError),
+    ],
+)
+def test_cancel_refused_with_an_error_code_on_200(
+    message: str, expected: type[UpstreamError]
+) -> None:
+    with client_for(answer(error_body(400003, message))) as client:
+        err = call_raising(expected, lambda: client.cancel("r"))
+    assert err.error_code == 400003
+    assert getattr(err, "status_code", None) == 400
+
+
+@pytest.mark.parametrize(
+    ("http", "code", "expected", "status_code"),
+    [
+        (404, 404001, UpstreamExpiredError, 404),
+        (400, 404001, UpstreamExpiredError, 404),
+        (400, 400002, UpstreamAccountError, 400),
+        (402, 400002, UpstreamAccountError, 402),
+        (403, 403001, UpstreamAccountError, 403),
+        (401, "400004", UpstreamAccountError, 401),
+        (500, 400002, UpstreamAccountError, 500),
+        (429, 400002, UpstreamAccountError, 429),
+        # other codes: the HTTP status decides, the code is kept
+        (400, 400001, PermanentUpstreamError, 400),
+        (403, 400001, PermanentUpstreamError, 403),  # names a request's fault, not the account
+        (401, 400001, PermanentUpstreamError, 401),
+        (422, 422001, PermanentUpstreamError, 422),
+        (404, 500001, PermanentUpstreamError, 404),
+        (502, 500001, RetryableUpstreamError, 502),
+        (503, 400001, RetryableUpstreamError, 503),
+    ],
+)
+@pytest.mark.parametrize("name", list(CALLS))
+def test_error_code_on_4xx_5xx(
+    name: str, http: int, code: Any, expected: type[UpstreamError], status_code: int
+) -> None:
+    with client_for(answer(error_body(code, "said upstream"), http)) as client:
+        err = call_raising(expected, lambda: CALLS[name](client))
+    assert err.error_code == int(code)
+    assert err.upstream_message == "said upstream"
+    assert getattr(err, "status_code", None) == status_code
+    assert str(http) in str(err)
+
+
+@pytest.mark.parametrize("http", [401, 403])
+def test_401_403_with_an_unreadable_code_are_account_errors(http: int) -> None:
+    with client_for(answer(error_body("E_TOKEN", "bad token"), http)) as client:
+        err = call_raising(UpstreamAccountError, lambda: client.submit(INPUT))
+    assert err.error_code is None
+
+
+def test_409_with_an_error_code_on_cancel_is_not_cancellable() -> None:
+    with client_for(answer(error_body(409001, "running"), 409)) as client:
+        err = call_raising(NotCancellableError, lambda: client.cancel("r"))
+    assert err.error_code == 409001
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("submit", {"request_id": "r", "error_code": 400002, "error_message": "low balance"}),
+        ("status", {"status": "in_queue", "error_code": 0}),
+        ("status", {"status": "failed", "error_code": 500001, "error_message": "boom"}),
+        (
+            "result",
+            {"status": "completed", "output": {"image": "https://cdn.test/a.png"}, "error_code": 0},
+        ),
+        ("result", {"output": {"image": "https://cdn.test/a.png"}, "error_code": 400001}),
+        ("cancel", {"status": "cancelled", "error_code": 0}),
+        ("status", {"status": "in_queue", "error_code": None}),
+        ("submit", {"request_id": "r", "error_code": ""}),
+    ],
+)
+def test_documented_success_shape_wins_over_an_error_code(name: str, body: dict[str, Any]) -> None:
+    with client_for(answer(body)) as client:
+        got = CALLS[name](client)
+    assert got is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "expected"),
+    [
+        ("submit", {"request_id": "", "error_code": 400002}, UpstreamAccountError),
+        ("submit", {"request_id": None, "error_code": 404001}, UpstreamExpiredError),
+        ("status", {"status": "error", "error_code": 400004}, UpstreamAccountError),
+        ("status", {"status": None, "error_code": 404001}, UpstreamExpiredError),
+        ("result", {"output": None, "error_code": 404001}, UpstreamExpiredError),
+        ("cancel", {"request_id": "r", "error_code": 404001}, UpstreamExpiredError),
+    ],
+)
+def test_error_code_without_the_success_shape_is_an_error(
+    name: str, body: dict[str, Any], expected: type[UpstreamError]
+) -> None:
+    with client_for(answer(body)) as client:
+        call_raising(expected, lambda: CALLS[name](client))
+
+
+@pytest.mark.parametrize("http", [200, 400, 403, 404])
+@pytest.mark.parametrize("code", [400002, 404001, 400001, 500001, "weird"])
+@pytest.mark.parametrize("name", list(CALLS))
+def test_error_code_messages_never_carry_the_token(name: str, code: Any, http: int) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        auth = request.headers["Authorization"]
+        body = error_body(code, f"token {auth} rejected; {SENTINEL}")
+        return httpx.Response(http, json=body)
+
+    with client_for(handler) as client, pytest.raises(UpstreamError) as info:
+        CALLS[name](client)
+    assert_no_leak(info.value)
+    assert info.value.upstream_message is not None
+    assert SENTINEL not in info.value.upstream_message
+    assert "Bearer ***" in info.value.upstream_message
+
+
+def test_classify_error_code_on_200() -> None:
+    with pytest.raises(UpstreamAccountError) as info:
+        classify_response(response(200, body=error_body(400002, "top up")))
+    assert info.value.error_code == 400002
+    assert info.value.upstream_message == "top up"
+    with pytest.raises(UpstreamExpiredError):
+        classify_response(response(200, body=error_body(404001)), answer=StatusResponse)
+    # the documented answer passes, even with a code; without an error_code nothing is checked
+    body = {"request_id": "r", **error_body(400002)}
+    classify_response(response(200, body=body), answer=SubmitResponse)
+    classify_response(response(200, body={"anything": 1}), answer=SubmitResponse)
 
 
 def test_undecodable_content_encoding_is_a_protocol_error() -> None:
@@ -641,7 +933,7 @@ def echo_authorization(code: int) -> Handler:
     ("code", "expected"),
     [
         (200, UpstreamProtocolError),
-        (401, PermanentUpstreamError),
+        (401, UpstreamAccountError),
         (409, PermanentUpstreamError),
         (429, RetryableUpstreamError),
         (500, RetryableUpstreamError),

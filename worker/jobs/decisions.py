@@ -13,6 +13,7 @@ from api_contracts.errors import ErrorCode
 from api_contracts.jobs import JobStatus
 from api_contracts.upstream import StatusResponse
 from worker.errors import (
+    AmbiguousSubmitError,
     DownloadError,
     OutputTooLargeError,
     PermanentUpstreamError,
@@ -20,6 +21,8 @@ from worker.errors import (
     ServiceError,
     StorageError,
     TargetForbiddenError,
+    UpstreamAccountError,
+    UpstreamExpiredError,
     UpstreamProtocolError,
 )
 from worker.settings import PollSettings
@@ -75,7 +78,37 @@ class MarkCancelled:
     message: str
 
 
+@dataclass(frozen=True)
+class PauseAccount(Fail):
+    """Upstream refused the account, not this request (UpstreamAccountError: error_code
+    400002 balance, 400004 account, 403001 permission, or HTTP 401/403: a bad token). Every
+    submit would fail the same way until someone fixes the account.
+
+    A :class:`Fail` subclass, so a step that does not know it still fails the job with
+    ``code`` (``upstream_rejected``) and ``message``, as before; the submit step should test
+    for it *before* Fail and pause submissions fleet-wide (open a circuit) instead, keeping
+    the job queued. ``error_code``: upstream's code, None for a bare 401/403."""
+
+    error_code: int | None = None
+
+
+@dataclass(frozen=True)
+class AmbiguousSubmit(Reschedule):
+    """The submit POST was sent but no answer read (AmbiguousSubmitError): upstream may hold,
+    and bill, a request whose id we never saw. Submitting again may cost a second generation;
+    not submitting may lose the job.
+
+    A :class:`Reschedule` subclass (``reason="ambiguous_submit"``), so a step that does not
+    know it submits again after ``countdown``, as it did for any timeout; the submit step
+    should test for it *before* Reschedule, count it (like the lease-expiry ambiguous window)
+    and follow its setting: resubmit after ``countdown``, or fail the job."""
+
+    reason: str = "ambiguous_submit"
+
+
 PollDecision = Reschedule | FetchResult | Fail | CancelUpstreamAndFail | MarkCancelled
+#: What decide_submit_error returns; test AmbiguousSubmit and PauseAccount first (subclasses).
+SubmitDecision = AmbiguousSubmit | Reschedule | PauseAccount | Fail
 
 
 def backoff(
@@ -120,7 +153,13 @@ def decide_poll(
     ``status``: the job's status (in_queue or in_progress); ``answer``: upstream's status
     answer or the error the client raised; ``elapsed_s``: since upstream accepted the request;
     ``age_s``: since the job was created; ``error_streak``: consecutive failed checks before
-    this one."""
+    this one.
+
+    Upstream saying the request id does not exist or expired (UpstreamExpiredError) ends the
+    job ``upstream_expired`` with upstream's message, before the deadline is even checked:
+    there is nothing left upstream to wait for or to cancel."""
+    if isinstance(answer, UpstreamExpiredError):
+        return Fail(ErrorCode.UPSTREAM_EXPIRED, expired_text(answer))
     if isinstance(answer, StatusResponse):
         if answer.status == "completed":
             return FetchResult()
@@ -168,8 +207,24 @@ def decide_poll(
 
 def decide_submit_error(
     error: ServiceError, *, attempt: int, age_s: float, deadline_s: float, jitter: float
-) -> Reschedule | Fail:
-    """After a failed submit (``attempt`` = tries made so far): retry later, or give up."""
+) -> SubmitDecision:
+    """After a failed submit (``attempt`` = tries made so far): retry later, or give up.
+
+    * UpstreamAccountError → :class:`PauseAccount` (a Fail with ``upstream_rejected``): the
+      account, not the request, is refused;
+    * any other PermanentUpstreamError → Fail ``upstream_rejected``;
+    * AmbiguousSubmitError → :class:`AmbiguousSubmit` after the usual retry delay (a
+      Reschedule with ``reason="ambiguous_submit"``), within the same bounds as every retry:
+      past ``MAX_SUBMIT_ATTEMPTS`` or the deadline it is Fail ``upstream_unavailable``;
+    * other retryable errors → Reschedule ``submit_retry``; protocol errors likewise, failing
+      ``upstream_protocol_error`` past the bounds.
+    """
+    if isinstance(error, UpstreamAccountError):
+        return PauseAccount(
+            ErrorCode.UPSTREAM_REJECTED,
+            f"upstream refused the account ({error.status_code}): {error}",
+            error_code=error.error_code,
+        )
     if isinstance(error, PermanentUpstreamError):
         return Fail(
             ErrorCode.UPSTREAM_REJECTED,
@@ -182,6 +237,8 @@ def decide_submit_error(
     delay = retry_delay(error, attempt, jitter)
     if attempt >= MAX_SUBMIT_ATTEMPTS or age_s + delay >= deadline_s:
         return Fail(code, f"gave up submitting after {attempt} attempts: {error}")
+    if isinstance(error, AmbiguousSubmitError):
+        return AmbiguousSubmit(delay)
     return Reschedule(delay, "submit_retry")
 
 
@@ -194,7 +251,12 @@ def decide_archive_error(
     jitter: float,
 ) -> Reschedule | Fail:
     """After a failed archive step (``attempt`` = failures so far in this run, counting this
-    one; ``failing_for_s`` = since the first of them): retry later, or fail the job."""
+    one; ``failing_for_s`` = since the first of them): retry later, or fail the job.
+
+    A result refused because the request id does not exist or expired (UpstreamExpiredError)
+    fails ``upstream_expired`` with upstream's message."""
+    if isinstance(error, UpstreamExpiredError):
+        return Fail(ErrorCode.UPSTREAM_EXPIRED, expired_text(error))
     if isinstance(error, TargetForbiddenError):
         return Fail(ErrorCode.OUTPUT_FORBIDDEN, str(error))
     if isinstance(error, OutputTooLargeError):
@@ -219,6 +281,11 @@ def decide_archive_error(
         )
         return Fail(code, f"gave up after {attempt} attempts: {error}")
     return Reschedule(retry_delay(error, attempt, jitter), "archive_retry")
+
+
+def expired_text(error: UpstreamExpiredError) -> str:
+    """A job's message when upstream no longer knows its request: upstream's own words."""
+    return error.upstream_message or str(error)
 
 
 def upstream_error_text(error: object) -> str:

@@ -35,11 +35,19 @@ from api_contracts.jobs import JobError, JobStatus
 from api_contracts.messages import TASK_NOTIFY, TASK_SUBMIT, StepMessage, SubmitMessage
 from worker import metrics
 from worker.errors import TransitionRefusedError
+from worker.jobs.admission import Admission, NoAdmission
 from worker.jobs.state import JobChange, Outbox, StoredJob
 from worker.jobs.store import JobStore
 from worker.logs import log_context
 
 log = logging.getLogger(__name__)
+
+#: Statuses before upstream has finished: a job holding a RunComfy slot is in one of these.
+_BEFORE_ARCHIVING: Final = frozenset(
+    {JobStatus.QUEUED, JobStatus.SUBMITTING, JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS}
+)
+#: Statuses in which a job is (or is about to be) in upstream.
+_UPSTREAM: Final = frozenset({JobStatus.SUBMITTING, JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS})
 
 #: How long past its due time a promised message may be missing before it is republished
 #: (the default of ``RECONCILE_GRACE_S``).
@@ -82,6 +90,7 @@ class Outcome(enum.StrEnum):
     LOST_RACE = "lost_race"
     DEFERRED = "deferred"
     MALFORMED = "malformed"
+    WAITING = "waiting"  # for a RunComfy slot, or for the account circuit to close
 
 
 @dataclass(frozen=True)
@@ -103,12 +112,14 @@ class Handoff:
         max_countdown_s: float,
         grace_s: float = OUTBOX_GRACE_S,
         clock: Callable[[], float] = time.time,
+        admission: Admission | None = None,
     ) -> None:
         self.store = store
         self.publish = publish
         self.max_countdown_s = max_countdown_s
         self.grace_s = grace_s
         self.clock = clock
+        self.admission: Admission = admission or NoAdmission()
 
     def handoff(
         self, job: StoredJob, task: str, *, countdown: float, change: JobChange | None = None
@@ -129,6 +140,7 @@ class Handoff:
             metrics.STALE_MESSAGES.labels(task).inc()
             log.info("job changed under us; %s not sent", task)
             return None
+        self._left_upstream(job, after)
         if parked:
             metrics.PARKED_WAITS.labels(task).inc()
             log.info("%s parked for %.0fs (the reconciler sends it when due)", task, countdown)
@@ -149,12 +161,44 @@ class Handoff:
             after = self.handoff(job, TASK_NOTIFY, countdown=0, change=final)
         else:
             after = self.store.update(job, final.but(seq=job.seq + 1, outbox=None))
+            if after is not None:
+                self._left_upstream(job, after)
         if after is not None:
             metrics.JOBS_FINISHED.labels(status.value).inc()
             if error is not None:
                 metrics.JOB_ERRORS.labels(error.code).inc()
             log.info("job %s%s", status.value, f" ({error.code}: {error.message})" if error else "")
         return after
+
+    def _left_upstream(self, before: StoredJob, after: StoredJob) -> None:
+        """A job that reached archiving or a final state frees its RunComfy slot (if it held
+        one), and the slot goes to the next waiting job at once."""
+        if before.status in _BEFORE_ARCHIVING and after.status not in _BEFORE_ARCHIVING:
+            if after.status.is_terminal and before.status == JobStatus.QUEUED:
+                self.admission.leave(after.id)  # it may have been waiting
+            if self.admission.release(after.id, after.record.request):
+                self.admit_waiting()
+
+    def admit_waiting(self) -> list[str]:
+        """Hand free slots to waiting jobs and send each its submit message; the ids."""
+        admitted = self.admission.admit(self.store.now())
+        for job_id in admitted:
+            self._send_admitted(job_id)
+        return admitted
+
+    def _send_admitted(self, job_id: str) -> None:
+        for _ in range(3):
+            job = self.store.get(job_id)
+            if job is None or job.status not in (JobStatus.QUEUED, JobStatus.SUBMITTING):
+                # gone or moved on while waiting: its slot goes back
+                if job is None or job.status not in _UPSTREAM:
+                    self.admission.release(job_id, job.record.request if job else None)
+                return
+            change = JobChange(wait=None, admitted_at=job.read_at)
+            if self.handoff(job, TASK_SUBMIT, countdown=0, change=change) is not None:
+                log.info("job %s admitted: a RunComfy slot is free", job_id)
+                return
+        log.warning("job %s admitted but kept changing; the reconciler will send it", job_id)
 
     def send(self, task: str, job_id: str, seq: int, countdown: float) -> None:
         """Publish, splitting waits longer than the broker allows into hops (``not_before``)."""

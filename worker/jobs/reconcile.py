@@ -61,6 +61,12 @@ _STEP_FOR_STATUS: Final = {
 }
 
 
+#: A job holding a RunComfy slot is in one of these (admitted, submitting, or upstream).
+_HOLDING: Final = frozenset(
+    {JobStatus.QUEUED, JobStatus.SUBMITTING, JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS}
+)
+
+
 class Action(enum.StrEnum):
     """What the reconciler does for one overdue job."""
 
@@ -172,7 +178,23 @@ class Reconciler:
             done.append(item)
             if not dry_run:
                 self._act(job_id, job, plan, now)
+        if not dry_run:
+            self._audit_slots()
+            admitted = self.handoff.admit_waiting()
+            if admitted:
+                metrics.RECONCILED.labels("admit").inc(len(admitted))
         return done
+
+    def _audit_slots(self) -> None:
+        """Free the slots of jobs no longer in upstream (a release lost with a dead worker);
+        O(slots), at most RUNCOMFY_MAX_CONCURRENCY reads."""
+        admission = self.handoff.admission
+        for job_id in admission.holders():
+            job = self.store.get(job_id)
+            gone = job is None or job.status not in _HOLDING
+            if gone and admission.release(job_id, job.record.request if job else None):
+                metrics.RECONCILED.labels("release_slot").inc()
+                log.warning("freed the RunComfy slot of job %s (it left upstream)", job_id)
 
     def _act(self, job_id: str, job: StoredJob | None, plan: Plan, now: float) -> None:
         with log_context(job_id=job_id, task="reconcile"):

@@ -24,6 +24,7 @@ from api_contracts.jobs import (
     JobRecord,
     JobRequest,
     JobStatus,
+    WaitInfo,
     WebhookInfo,
 )
 from worker.errors import TransitionRefusedError
@@ -53,10 +54,13 @@ def utcnow() -> datetime:
 
 
 def request_hash(request: JobRequest) -> str:
-    """SHA-256 of the canonical JSON of a request: equal requests, equal hashes."""
-    canonical = json.dumps(
-        request.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":")
-    )
+    """SHA-256 of the canonical JSON of a request: equal requests, equal hashes. Fields added
+    later are left out at their default, so a request hashes as it did before they existed."""
+    data = request.model_dump(mode="json", by_alias=True)
+    for name, default in (("tenant", None), ("priority", "normal")):
+        if data.get(name) == default:
+            data.pop(name, None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -131,6 +135,8 @@ class StoredJob:
     read_at: float = 0.0
     #: the store's clock at the job's birth
     created_ts: float = 0.0
+    #: when the job got a RunComfy slot after waiting for one (its deadline counts from then)
+    admitted_ts: float = 0.0
 
     @property
     def id(self) -> str:
@@ -149,8 +155,9 @@ class StoredJob:
 
     @property
     def age_s(self) -> float:
-        """Seconds since the job's birth when it was read, by the store's clock."""
-        return self.read_at - self.born_at
+        """Seconds the job has counted against JOB_DEADLINE_S when it was read (from its
+        birth, or from its admission if it waited for a slot), by the store's clock."""
+        return self.read_at - (self.admitted_ts or self.born_at)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +177,7 @@ class JobChange:
     lease: Maybe[Lease | None] = UNCHANGED
     attempt: Maybe[int] = UNCHANGED
     since: Maybe[float] = UNCHANGED
+    admitted_at: Maybe[float] = UNCHANGED
     error: Maybe[JobError | None] = UNCHANGED
     request_id: Maybe[str] = UNCHANGED
     submitted_at: Maybe[datetime] = UNCHANGED
@@ -178,6 +186,7 @@ class JobChange:
     outputs: Maybe[Sequence[ArchivedOutput]] = UNCHANGED
     webhook: Maybe[WebhookInfo] = UNCHANGED
     notes: Maybe[Sequence[str]] = UNCHANGED
+    wait: Maybe[WaitInfo | None] = UNCHANGED
 
     def but(self, **overrides: Any) -> JobChange:
         """This change with some fields replaced (a typo is a TypeError, not a silent no-op)."""
@@ -193,8 +202,18 @@ _RECORD_FIELDS: Final = (
     "outputs",
     "webhook",
     "notes",
+    "wait",
 )
-_BOOKKEEPING: Final = {"status", "due_in", "seq", "outbox", "lease", "attempt", "since"}
+_BOOKKEEPING: Final = {
+    "status",
+    "due_in",
+    "seq",
+    "outbox",
+    "lease",
+    "attempt",
+    "since",
+    "admitted_at",
+}
 assert set(_RECORD_FIELDS) | _BOOKKEEPING == {f.name for f in fields(JobChange)}
 
 
@@ -246,6 +265,7 @@ def apply_change(job: StoredJob, change: JobChange, *, now: datetime) -> StoredJ
         rhash=job.rhash,
         read_at=job.read_at,
         created_ts=job.created_ts,
+        admitted_ts=_pick(change.admitted_at, job.admitted_ts),
     )
 
 

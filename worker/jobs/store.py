@@ -317,6 +317,7 @@ def encode_job(job: StoredJob) -> dict[str, str]:
         "attempt": str(job.attempt),
         "since": str(job.since),
         "rhash": job.rhash,
+        "admitted_ts": str(job.admitted_ts),
     }
 
 
@@ -334,6 +335,7 @@ def decode_job(f: Mapping[str, str], *, read_at: float = 0.0) -> StoredJob:
         rhash=f.get("rhash", ""),
         read_at=read_at,
         created_ts=float(f.get("created_ts") or 0),
+        admitted_ts=float(f.get("admitted_ts") or 0),
     )
 
 

@@ -140,6 +140,7 @@ class Client:
             make_publisher(self._app),
             max_countdown_s=settings.max_countdown_s,
             grace_s=settings.reconcile.grace_s,
+            admission=self._runtime.admission,
         )
 
     @classmethod
@@ -174,6 +175,8 @@ class Client:
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        tenant: str | None = None,
+        priority: str | None = None,
         job_id: str | None = None,
     ) -> JobRecord:
         """Validate and queue one job; returns its record (``queued``, or the existing job
@@ -188,6 +191,8 @@ class Client:
             "webhook_url": webhook_url,
             "idempotency_key": idempotency_key,
             "metadata": dict(metadata) if metadata is not None else None,
+            "tenant": tenant,
+            "priority": priority,
         }
         fields = {k: v for k, v in extras.items() if v is not None}
         data: JobRequest | dict[str, Any]

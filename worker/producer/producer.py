@@ -101,8 +101,15 @@ class Producer:
         return [job.record for job in jobs]
 
     def get(self, job_id: str) -> JobRecord:
-        """The job's record; JobNotFoundError when unknown or expired."""
-        return self.rt.store.load(job_id).record
+        """The job's record; JobNotFoundError when unknown or expired. A job waiting for a
+        RunComfy slot shows its current position (read now, not stored)."""
+        record = self.rt.store.load(job_id).record
+        if record.wait is None or record.status.is_terminal:
+            return record
+        position = self.rt.admission.position(record.id, record.request)
+        return record.model_copy(
+            update={"wait": record.wait.model_copy(update={"position": position})}
+        )
 
     def _checked(self, request: JobRequest | dict[str, Any]) -> JobRequest:
         """Parse and vet one request (webhook URL shape included)."""

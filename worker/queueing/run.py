@@ -89,6 +89,7 @@ def make_reconciler(rt: Runtime, publish: Publisher) -> Reconciler:
             publish,
             max_countdown_s=settings.max_countdown_s,
             grace_s=settings.reconcile.grace_s,
+            admission=rt.admission,
         ),
         lambda: rt.runcomfy,
         deadline_s=settings.job.deadline_s,

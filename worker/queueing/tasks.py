@@ -76,6 +76,7 @@ def step_context(rt: Runtime, publish: Publisher) -> StepContext:
             publish,
             max_countdown_s=rt.settings.max_countdown_s,
             grace_s=rt.settings.reconcile.grace_s,
+            admission=rt.admission,
         ),
         services=rt,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -35,11 +36,55 @@ class EmulatorConfig(BaseModel):
     fault_rates: dict[str, float] = Field(
         default_factory=dict, description="Probability per call of KIND or KIND@ENDPOINT."
     )
-    retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After of random 429s.")
+    retry_after_s: float = Field(
+        default=1.0, ge=0, description="Retry-After of 429 faults and of concurrency-limit 429s."
+    )
     slow_s: float = Field(default=5.0, ge=0, description="Delay of random slow answers.")
     public_base_url: str | None = Field(
         default=None, description="Base of URLs in answers; default: the address served on."
     )
+    # -- account protection (all off by default) --
+    max_concurrent: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests one token may have in_queue/in_progress; a submit over it is "
+        "answered 429 with Retry-After = retry_after_s. None: no limit.",
+    )
+    max_submits_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Accepted submits per second per token (token bucket); over it: 429 with "
+        "Retry-After = time until the next is allowed. None: no limit.",
+    )
+    submit_burst: float | None = Field(
+        default=None,
+        ge=1,
+        description="Size of that token bucket (submits allowed at once); "
+        "default max(1, max_submits_per_s).",
+    )
+    balance: float | None = Field(
+        default=None,
+        description="Account balance at start (and after reset); each accepted submit costs "
+        "cost_per_request; too little: error 400002. None: unlimited.",
+    )
+    cost_per_request: float = Field(default=1.0, ge=0, description="What one submit costs.")
+    account_errors_as_200: bool = Field(
+        default=False,
+        description="Answer the 400002 body with HTTP 200 instead of 400.",
+    )
+    request_ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds after a request reaches a final state (completed, failed, "
+        "cancelled) before its id expires (404, error_code 404001); set at submit. None: never.",
+    )
+
+    @field_validator("balance", "cost_per_request", "max_submits_per_s", "submit_burst")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
 
     @field_validator("fault_rates")
     @classmethod

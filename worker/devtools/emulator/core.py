@@ -7,8 +7,10 @@ truncations and connection resets a Reply asks for.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
+import math
 import threading
 import time
 import uuid
@@ -22,7 +24,14 @@ from pydantic import TypeAdapter, ValidationError
 
 from api_contracts.inputs import GenerationInput
 from worker.devtools.emulator.config import EmulatorConfig
-from worker.devtools.emulator.faults import CallEndpoint, Fault, FaultPlan, FaultRule
+from worker.devtools.emulator.faults import (
+    DEFAULT_ERROR_CODE,
+    ERROR_CODE_MESSAGES,
+    CallEndpoint,
+    Fault,
+    FaultPlan,
+    FaultRule,
+)
 from worker.devtools.emulator.lifecycle import EmulatedRequest, Scheduler, State
 from worker.devtools.emulator.png import Blob, mp4_blob, png_blob
 
@@ -30,6 +39,11 @@ JSON_TYPE: Final = "application/json"
 MAX_BODY_BYTES: Final = 1 << 20
 _ERROR_STATUS: Final = {"429": 429, "500": 500, "502": 502, "503": 503}
 _RULES: Final = TypeAdapter(list[FaultRule])
+INSUFFICIENT_BALANCE: Final = 400002
+REQUEST_EXPIRED: Final = 404001
+INSUFFICIENT_BALANCE_MESSAGE: Final = "Insufficient resources: account balance is too low"
+#: Reasons a 429 is answered, as counted in ``counters()["too_many_requests"]``.
+TOO_MANY_REASONS: Final = ("concurrency", "rate", "fault")
 
 
 @dataclass
@@ -57,9 +71,33 @@ def error_reply(http_status: int, code: str, message: str, **extra: Any) -> Repl
     return json_reply(http_status, {"error": {"code": code, "message": message, **extra}})
 
 
+def error_code_reply(http_status: int, code: int, message: str) -> Reply:
+    """RunComfy's other error shape: a top-level ``{"error_code", "error_message"}`` body."""
+    return json_reply(http_status, {"error_code": code, "error_message": message})
+
+
+def token_key(token: str) -> str:
+    """How counters name a Bearer token: a short fingerprint, never the token itself."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def _bearer_token(authorization: str | None) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def _format_seconds(seconds: float) -> str:
     # HTTP wants whole seconds; fractions are kept (not rounded up) so fast tests stay fast.
     return str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}"
+
+
+def _wait_s(seconds: float) -> float:
+    """A wait rounded up to the millisecond, at least 1 ms (never tells a client "now")."""
+    return max(0.001, math.ceil(round(seconds * 1000, 6)) / 1000)
+
+
+def _format_wait(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
 
 
 def _validation_details(exc: ValidationError) -> list[dict[str, str]]:
@@ -106,6 +144,21 @@ class Emulator:
         }
         self._faults: Counter[str] = Counter()
         self._responses: Counter[str] = Counter()
+        self._clear_account_state()
+
+    def _clear_account_state(self) -> None:
+        """Limits, balance and their counters, as at start (caller holds the lock or is init)."""
+        # Requests still in upstream, by token key (pruned lazily at each submit).
+        self._active: dict[str, list[EmulatedRequest]] = {}
+        self._max_in_upstream = 0
+        self._max_in_upstream_by_token: dict[str, int] = {}
+        # Token bucket per token key: (tokens, when last refilled).
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._too_many: Counter[str] = Counter(dict.fromkeys(TOO_MANY_REASONS, 0))
+        self._balance = self._config.balance
+        self._charged = 0.0
+        self._insufficient = 0
+        self._expired = 0
 
     # -- control -------------------------------------------------------------------------
 
@@ -139,6 +192,13 @@ class Emulator:
                 "faults_total": sum(self._faults.values()),
                 "responses": dict(self._responses),
                 "requests": self._scheduler.counts(now),
+                "max_in_upstream": self._max_in_upstream,
+                "max_in_upstream_by_token": dict(self._max_in_upstream_by_token),
+                "too_many_requests": dict(self._too_many),
+                "balance": self._balance,
+                "charged": self._charged,
+                "insufficient_balance": self._insufficient,
+                "expired": self._expired,
             }
 
     def reset(self) -> None:
@@ -154,6 +214,31 @@ class Emulator:
                 counter.clear()
             self._faults.clear()
             self._responses.clear()
+            self._clear_account_state()
+
+    @property
+    def balance(self) -> float | None:
+        """The account balance now (None: unlimited)."""
+        with self._lock:
+            return self._balance
+
+    def set_balance(self, value: float | None) -> float | None:
+        """Set the account balance (None: unlimited); returns it."""
+        if value is not None and (isinstance(value, bool) or not math.isfinite(value)):
+            raise ValueError(f"balance must be a finite number or null, got {value!r}")
+        with self._lock:
+            self._balance = None if value is None else float(value)
+            return self._balance
+
+    def top_up(self, amount: float) -> float:
+        """Add ``amount`` (may be negative) to a limited balance; returns the new balance."""
+        if isinstance(amount, bool) or not math.isfinite(amount):
+            raise ValueError(f"amount must be a finite number, got {amount!r}")
+        with self._lock:
+            if self._balance is None:
+                raise ValueError("the balance is unlimited; set one first")
+            self._balance += amount
+            return self._balance
 
     def set_faults(
         self,
@@ -171,7 +256,10 @@ class Emulator:
         self.update_config(**changes)
 
     def update_config(self, **changes: Any) -> EmulatorConfig:
-        """Change any config field; timings apply to requests submitted from now on."""
+        """Change any config field; timings apply to requests submitted from now on.
+
+        ``balance`` also replaces the live balance; limits apply from the next submit.
+        """
         with self._lock:
             new = self._config.updated(**changes)
             # Settle the past under the old capacity before the new one applies.
@@ -182,6 +270,8 @@ class Emulator:
                 self._plan.set_rates(new.fault_rates)
             if "seed" in changes:
                 self._plan.reseed(new.seed)
+            if "balance" in changes:
+                self._balance = new.balance
             self._config = new
             return new
 
@@ -203,6 +293,7 @@ class Emulator:
                     "status": r.state(now),
                     "fault": r.fault,
                     "prompt": r.prompt,
+                    "token_key": r.token_key,
                 }
                 for r in self._scheduler.all()
             ]
@@ -272,38 +363,59 @@ class Emulator:
         fault = self._plan.for_call(endpoint, request_id)
         if fault is not None:
             self._faults[fault.kind] += 1
-            if fault.kind in _ERROR_STATUS:
-                return self._fault_error(fault)
+            refusal = self._fault_refusal(fault)
+            if refusal is not None:
+                return refusal
         now = self._clock()
         self._scheduler.advance(now, self._config.capacity)
         if endpoint == "submit":
-            reply = self._submit(model_id, body, now)
+            reply = self._submit(model_id, body, now, _bearer_token(authorization))
         else:
-            request = self._scheduler.get(request_id or "")
-            if request is None:
-                reply = error_reply(404, "request_not_found", f"no request {request_id!r}")
-            elif endpoint == "status":
-                reply = json_reply(200, self._status_body(request, now))
-            elif endpoint == "result":
-                reply = json_reply(200, self._result_body(request, now))
-            else:
-                reply = self._cancel(request, now)
+            reply = self._about_request(endpoint, request_id or "", now)
         if fault is not None:
             # Slow, malformed and reset answers come after the work was done: upstream acted
             # on the call, only the answer is late, garbled or lost (the ambiguous case).
             self._act_out(reply, fault)
         return reply
 
+    def _about_request(self, endpoint: CallEndpoint, request_id: str, now: float) -> Reply:
+        """Answer status, result or cancel for one request id."""
+        request = self._scheduler.get(request_id)
+        if request is None:
+            return error_reply(404, "request_not_found", f"no request {request_id!r}")
+        if request.expired(now):
+            self._expired += 1
+            return error_code_reply(
+                404, REQUEST_EXPIRED, f"request {request_id} does not exist or has expired"
+            )
+        if endpoint == "status":
+            return json_reply(200, self._status_body(request, now))
+        if endpoint == "result":
+            return json_reply(200, self._result_body(request, now))
+        return self._cancel(request, now)
+
     def _authorised(self, authorization: str | None) -> bool:
-        scheme, _, token = (authorization or "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = _bearer_token(authorization)
+        if not token:
             return False
         expected = self._config.token
         return expected is None or hmac.compare_digest(token.encode(), expected.encode())
 
+    def _fault_refusal(self, fault: Fault) -> Reply | None:
+        """The answer of a fault that refuses the call outright (no work done), else None."""
+        if fault.kind in _ERROR_STATUS:
+            return self._fault_error(fault)
+        if fault.kind == "error_code_200":
+            code = fault.error_code if fault.error_code is not None else DEFAULT_ERROR_CODE
+            message = fault.error_message
+            if message is None:
+                message = ERROR_CODE_MESSAGES.get(code, f"error {code} (emulated)")
+            return error_code_reply(200, code, message)
+        return None
+
     def _fault_error(self, fault: Fault) -> Reply:
         if fault.kind == "429":
+            self._too_many["fault"] += 1
             retry_after = (
                 fault.retry_after_s
                 if fault.retry_after_s is not None
@@ -337,7 +449,83 @@ class Emulator:
         base = f"{self.base_url}/v1/requests/{request_id}"
         return {"status_url": f"{base}/status", "result_url": f"{base}/result"}
 
-    def _submit(self, model_id: str, body: bytes, now: float) -> Reply:
+    def _too_many_reply(self, reason: str, retry_after: float, message: str) -> Reply:
+        self._too_many[reason] += 1
+        reply = error_reply(
+            429,
+            "rate_limited",
+            message,
+            reason=reason,
+            retry_after_s=retry_after,
+        )
+        reply.headers["Retry-After"] = _format_wait(retry_after) if retry_after else "0"
+        return reply
+
+    def _in_upstream(self, key: str, now: float) -> int:
+        """How many of this token's requests are in_queue/in_progress (prunes the rest)."""
+        active = self._active.get(key)
+        if not active:
+            return 0
+        active[:] = [r for r in active if r.in_upstream(now)]
+        return len(active)
+
+    def _limit_refusal(self, key: str, now: float) -> Reply | None:
+        """A 429 if this token is over its concurrency or submit-rate limit, else None."""
+        config = self._config
+        if config.max_concurrent is not None:
+            in_upstream = self._in_upstream(key, now)
+            if in_upstream >= config.max_concurrent:
+                return self._too_many_reply(
+                    "concurrency",
+                    config.retry_after_s,
+                    f"too many requests in progress: {in_upstream} of "
+                    f"{config.max_concurrent} allowed (emulated)",
+                )
+        rate = config.max_submits_per_s
+        if rate is not None:
+            tokens = self._bucket_tokens(key, now, rate)
+            if tokens < 1 - 1e-9:
+                return self._too_many_reply(
+                    "rate",
+                    _wait_s((1 - tokens) / rate),
+                    f"too many submits: at most {rate:g} per second (emulated)",
+                )
+        return None
+
+    def _bucket_size(self, rate: float) -> float:
+        burst = self._config.submit_burst
+        return burst if burst is not None else max(1.0, rate)
+
+    def _bucket_tokens(self, key: str, now: float, rate: float) -> float:
+        size = self._bucket_size(rate)
+        tokens, since = self._buckets.get(key, (size, now))
+        return min(size, tokens + max(0.0, now - since) * rate)
+
+    def _account_refusal(self) -> Reply | None:
+        """Error 400002 if the balance cannot pay for one more request, else None."""
+        if self._balance is None or self._balance >= self._config.cost_per_request:
+            return None
+        self._insufficient += 1
+        status = 200 if self._config.account_errors_as_200 else 400
+        return error_code_reply(status, INSUFFICIENT_BALANCE, INSUFFICIENT_BALANCE_MESSAGE)
+
+    def _accept(self, request: EmulatedRequest, now: float) -> None:
+        """Charge for, rate-count and track a request that is being created."""
+        config = self._config
+        key = request.token_key
+        if config.max_submits_per_s is not None:
+            tokens = self._bucket_tokens(key, now, config.max_submits_per_s)
+            self._buckets[key] = (tokens - 1, now)
+        if self._balance is not None:
+            self._balance -= config.cost_per_request
+            self._charged += config.cost_per_request
+        mine = self._in_upstream(key, now) + 1
+        self._active.setdefault(key, []).append(request)
+        total = sum(self._in_upstream(k, now) for k in self._active)
+        self._max_in_upstream_by_token[key] = max(self._max_in_upstream_by_token.get(key, 0), mine)
+        self._max_in_upstream = max(self._max_in_upstream, total)
+
+    def _submit(self, model_id: str, body: bytes, now: float, token: str) -> Reply:
         if model_id not in self._config.model_ids:
             return error_reply(404, "model_not_found", f"no model {model_id!r}")
         if len(body) > MAX_BODY_BYTES:
@@ -353,6 +541,10 @@ class Emulator:
             message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
             return error_reply(422, "validation_error", message, details=details)
         width, height = generation.dimensions
+        key = token_key(token)
+        refusal = self._limit_refusal(key, now) or self._account_refusal()
+        if refusal is not None:
+            return refusal
         fault = self._plan.for_new_request()
         if fault is not None:
             self._faults[fault] += 1
@@ -372,7 +564,10 @@ class Emulator:
             min_bytes=config.output_min_bytes,
             fault=fault,
             prompt=generation.prompt,
+            token_key=key,
+            ttl_s=config.request_ttl_s,
         )
+        self._accept(request, now)
         self._scheduler.add(request)
         urls = self._urls(request.request_id)
         return json_reply(
@@ -445,8 +640,9 @@ class Emulator:
         fault = self._plan.for_call("download", request_id)
         if fault is not None:
             self._faults[fault.kind] += 1
-            if fault.kind in _ERROR_STATUS:
-                return self._fault_error(fault)
+            refusal = self._fault_refusal(fault)
+            if refusal is not None:
+                return refusal
             if fault.kind == "output_404":
                 return error_reply(404, "not_found", f"no such file: {path} (emulated)")
         now = self._clock()
@@ -484,24 +680,22 @@ class Emulator:
             data: Any = json.loads(body) if body.strip() else {}
         except ValueError as exc:
             return error_reply(400, "invalid_json", f"body is not JSON: {exc}")
+        handlers: dict[tuple[str, str], Callable[[], Reply]] = {
+            ("GET", "health"): lambda: json_reply(200, {"ok": True}),
+            ("GET", "counters"): lambda: json_reply(200, self.counters()),
+            ("POST", "reset"): self._post_reset,
+            ("GET", "faults"): lambda: json_reply(200, self.faults_snapshot()),
+            ("POST", "faults"): lambda: self._post_faults(data),
+            ("GET", "config"): lambda: json_reply(200, self._config.public_dump()),
+            ("POST", "config"): lambda: self._post_config(data),
+            ("GET", "requests"): lambda: json_reply(200, self.requests_snapshot()),
+            ("GET", "balance"): lambda: json_reply(200, self._balance_body()),
+            ("POST", "balance"): lambda: self._post_balance(data),
+        }
+        handler = handlers.get((method, name))
         try:
-            if (method, name) == ("GET", "health"):
-                return json_reply(200, {"ok": True})
-            if (method, name) == ("GET", "counters"):
-                return json_reply(200, self.counters())
-            if (method, name) == ("POST", "reset"):
-                self.reset()
-                return json_reply(200, {"ok": True})
-            if (method, name) == ("GET", "faults"):
-                return json_reply(200, self.faults_snapshot())
-            if (method, name) == ("POST", "faults"):
-                return self._post_faults(data)
-            if (method, name) == ("GET", "config"):
-                return json_reply(200, self._config.public_dump())
-            if (method, name) == ("POST", "config"):
-                return self._post_config(data)
-            if (method, name) == ("GET", "requests"):
-                return json_reply(200, self.requests_snapshot())
+            if handler is not None:
+                return handler()
         except ValidationError as exc:
             details = _validation_details(exc)
             message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
@@ -509,6 +703,10 @@ class Emulator:
         except ValueError as exc:
             return error_reply(422, "validation_error", str(exc))
         return error_reply(404, "not_found", f"no such admin endpoint: {method} {path}")
+
+    def _post_reset(self) -> Reply:
+        self.reset()
+        return json_reply(200, {"ok": True})
 
     def _post_faults(self, data: Any) -> Reply:
         if isinstance(data, list):
@@ -521,6 +719,28 @@ class Emulator:
             _RULES.validate_python(data.get("rules", [])), data.get("rates"), data.get("seed")
         )
         return json_reply(200, self.faults_snapshot())
+
+    def _balance_body(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "balance": self._balance,
+                "charged": self._charged,
+                "cost_per_request": self._config.cost_per_request,
+            }
+
+    def _post_balance(self, data: Any) -> Reply:
+        if not isinstance(data, dict) or len(data) != 1 or set(data) - {"add", "set"}:
+            return error_reply(422, "validation_error", 'expected {"add": N} or {"set": N or null}')
+        value = data.get("add", data.get("set"))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return error_reply(422, "validation_error", f"expected a number, got {value!r}")
+        if "add" in data:
+            if value is None:
+                return error_reply(422, "validation_error", "add needs a number")
+            self.top_up(value)
+        else:
+            self.set_balance(value)
+        return json_reply(200, self._balance_body())
 
     def _post_config(self, data: Any) -> Reply:
         if not isinstance(data, dict):

@@ -2,10 +2,13 @@
 
 Two families of fault kinds:
 
-* per call (``429``, ``500``, ``502``, ``503``, ``slow``, ``malformed_json``, ``reset``):
-  change the answer to one HTTP call on an endpoint (``submit``, ``status``, ``result``,
-  ``cancel``, ``download``; ``any`` matches all five). ``output_404`` on the ``download``
-  endpoint also acts per call.
+* per call (``429``, ``500``, ``502``, ``503``, ``slow``, ``malformed_json``, ``reset``,
+  ``requeued``, ``error_code_200``): change the answer to one HTTP call on an endpoint
+  (``submit``, ``status``, ``result``, ``cancel``, ``download``; ``any`` matches all five).
+  ``output_404`` on the ``download`` endpoint also acts per call. ``error_code_200`` answers
+  HTTP 200 with a top-level ``{"error_code": N, "error_message": "..."}`` body instead of the
+  documented shape (as some RunComfy APIs do), without doing the call's work; the code and
+  message come from the rule (default 400002 and its usual message).
 * per request (``cancel``, ``fail``, ``output_404``): decided once, when a request is
   submitted; the request is later cancelled by "upstream", fails, or has output URLs that 404.
 
@@ -35,6 +38,7 @@ FaultKind = Literal[
     "cancel",
     "output_404",
     "fail",
+    "error_code_200",
 ]
 RequestFault = Literal["cancel", "fail", "output_404"]
 Endpoint = Literal["submit", "status", "result", "cancel", "download", "any"]
@@ -44,10 +48,19 @@ FAULT_KINDS: Final[frozenset[str]] = frozenset(get_args(FaultKind))
 ENDPOINTS: Final[frozenset[str]] = frozenset(get_args(Endpoint))
 #: Kinds that change the answer to a single call.
 #: ``requeued``: a status answer says ``in_queue`` whatever the request's state (upstream
-#: re-queued a started request).
+#: re-queued a started request). ``error_code_200``: HTTP 200 with an error-code body.
 CALL_KINDS: Final = frozenset(
-    {"429", "500", "502", "503", "slow", "malformed_json", "reset", "requeued"}
+    {"429", "500", "502", "503", "slow", "malformed_json", "reset", "requeued", "error_code_200"}
 )
+#: RunComfy's documented error codes and the message the emulator gives each by default.
+ERROR_CODE_MESSAGES: Final[dict[int, str]] = {
+    400001: "Invalid resource identifier",
+    400002: "Insufficient resources: account balance is too low",
+    400004: "User account error",
+    403001: "Permission denied",
+    404001: "request does not exist, was deleted or has expired",
+}
+DEFAULT_ERROR_CODE: Final = 400002
 #: Kinds decided at submit time that change what happens to the request.
 REQUEST_KINDS: Final = frozenset({"cancel", "fail", "output_404"})
 
@@ -74,9 +87,19 @@ class FaultRule(BaseModel):
     request_id: str | None = Field(
         default=None, description="Only calls about this request (status/result/cancel/download)."
     )
+    error_code: int | None = Field(
+        default=None, description="error_code of an error_code_200 answer; default 400002."
+    )
+    error_message: str | None = Field(
+        default=None, description="error_message of an error_code_200 answer; default: the code's."
+    )
 
     @model_validator(mode="after")
     def _endpoint_fits_kind(self) -> FaultRule:
+        if self.kind != "error_code_200" and (
+            self.error_code is not None or self.error_message is not None
+        ):
+            raise ValueError("error_code and error_message only go with kind 'error_code_200'")
         if self.kind in ("cancel", "fail") and self.endpoint not in ("submit", "any"):
             raise ValueError(f"kind {self.kind!r} is decided at submit: endpoint submit or any")
         if self.kind == "output_404" and self.endpoint not in ("submit", "any", "download"):
@@ -132,6 +155,8 @@ class Fault:
     kind: str
     retry_after_s: float | None = None
     delay_s: float | None = None
+    error_code: int | None = None
+    error_message: str | None = None
 
 
 class FaultPlan:
@@ -209,7 +234,9 @@ class FaultPlan:
 
         rule = self._take_rule(match)
         if rule is not None:
-            return Fault(rule.kind, rule.retry_after_s, rule.delay_s)
+            return Fault(
+                rule.kind, rule.retry_after_s, rule.delay_s, rule.error_code, rule.error_message
+            )
         kind = self._draw(self._call_rates[endpoint])
         return Fault(kind) if kind is not None else None
 

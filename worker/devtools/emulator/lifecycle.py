@@ -38,6 +38,10 @@ class EmulatedRequest:
     fault: RequestFault | None = None
     #: the prompt, as submitted (lets tests and the chaos run count submits per job)
     prompt: str = ""
+    #: who submitted it (a fingerprint of the Bearer token, never the token itself)
+    token_key: str = ""
+    #: seconds after reaching a final state before the id expires (None: never)
+    ttl_s: float | None = None
     started_at: float | None = None
     ended_at: float | None = None
     cancelled_by_client: bool = False
@@ -59,6 +63,19 @@ class EmulatedRequest:
         if now < self.ended_at:
             return "in_progress"
         return "failed" if self.fault == "fail" else "completed"
+
+    def in_upstream(self, now: float) -> bool:
+        """Whether it is still ``in_queue`` or ``in_progress`` at ``now`` (scheduler advanced)."""
+        return self.state(now) in ("in_queue", "in_progress")
+
+    def expired(self, now: float) -> bool:
+        """Whether its id has expired: ``ttl_s`` or more since it reached a final state."""
+        return (
+            self.ttl_s is not None
+            and self.ended_at is not None
+            and not self.in_upstream(now)
+            and now >= self.ended_at + self.ttl_s
+        )
 
 
 class Scheduler:

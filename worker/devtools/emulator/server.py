@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Final, Self
 
@@ -259,14 +260,24 @@ class _HTTPFrontend:
 
 
 class EmulatorServer(ManagedService):
-    """The RunComfy emulator over HTTP on ``host:port`` (0: a free port), in a background thread."""
+    """The RunComfy emulator over HTTP on ``host:port`` (0: a free port), in a background thread.
+
+    ``clock`` (seconds, monotonic) drives queue times, limits and expiry; tests may pass a
+    fake one to move time by hand.
+    """
 
     def __init__(
-        self, config: EmulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: EmulatorConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config or EmulatorConfig()
         self._host = host
         self._port = port
+        self._clock = clock
         self._emulator: Emulator | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -281,7 +292,7 @@ class EmulatorServer(ManagedService):
             sock.close()
             raise
         self._port = int(sock.getsockname()[1])
-        self._emulator = Emulator(self._config, self.base_url)
+        self._emulator = Emulator(self._config, self.base_url, clock=self._clock)
         frontend = _HTTPFrontend(self._emulator)
         server = await asyncio.start_server(
             frontend.handle_connection,
@@ -404,6 +415,19 @@ class EmulatorServer(ManagedService):
     def update_config(self, **changes: Any) -> EmulatorConfig:
         """Same as ``POST /_emulator/config``; returns the new configuration."""
         return self.emulator.update_config(**changes)
+
+    @property
+    def balance(self) -> float | None:
+        """The account balance now (None: unlimited); same as ``GET /_emulator/balance``."""
+        return self.emulator.balance
+
+    def top_up(self, amount: float) -> float:
+        """Same as ``POST /_emulator/balance {"add": amount}``; returns the new balance."""
+        return self.emulator.top_up(amount)
+
+    def set_balance(self, value: float | None) -> float | None:
+        """Same as ``POST /_emulator/balance {"set": value}`` (None: unlimited)."""
+        return self.emulator.set_balance(value)
 
 
 def serve_forever(

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from typing import Final
 
 from api_contracts.errors import ErrorCode
-from api_contracts.jobs import JobError, JobStatus
+from api_contracts.jobs import JobError, JobStatus, WaitInfo
 from api_contracts.messages import TASK_POLL, TASK_SUBMIT, SubmitMessage
 from worker import metrics
-from worker.errors import ServiceError
+from worker.errors import RetryableUpstreamError, ServiceError
 from worker.jobs import decisions
 from worker.jobs.handoff import Outcome, StepResult
 from worker.jobs.state import JobChange, Lease, StoredJob
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 LEASE_MARGIN_S: Final = 15.0
 #: Attempts to record upstream's answer when the job changed between claim and answer.
 RECORD_ATTEMPTS: Final = 3
+#: The fleet-wide pause after a 429 without Retry-After.
+DEFAULT_COOLDOWN_S: Final = 5.0
 
 
 def submit(ctx: StepContext, msg: SubmitMessage, *, owner: str) -> StepResult:
@@ -50,6 +52,9 @@ def submit(ctx: StepContext, msg: SubmitMessage, *, owner: str) -> StepResult:
             if job.lease.owner != owner and job.lease.until > job.read_at:
                 return StepResult(Outcome.SUBMIT_IN_PROGRESS_ELSEWHERE, msg.job_id)
             ambiguous = True
+        held = _admitted(ctx, job)
+        if held is not None:
+            return held
         if job.age_s >= ctx.settings.job.deadline_s:
             # No paid generation for a job that is already past its deadline.
             message = f"not submitted within {ctx.settings.job.deadline_s:.0f}s (JOB_DEADLINE_S)"
@@ -57,6 +62,44 @@ def submit(ctx: StepContext, msg: SubmitMessage, *, owner: str) -> StepResult:
             ctx.handoff.finish(job, JobStatus.FAILED, error, JobChange(lease=None))
             return StepResult(Outcome.FAILED, job.id)
         return _post(ctx, job, owner=owner, ambiguous=ambiguous)
+
+
+def _admitted(ctx: StepContext, job: StoredJob) -> StepResult | None:
+    """None when the job may be submitted now; else what holds it back (it waits in the job
+    store for a slot or for the circuit, or its submit comes back after a cooldown)."""
+    adm = ctx.handoff.admission
+    circuit = adm.circuit()
+    if circuit == "open":
+        return _wait(ctx, job, "paused", front=adm.release(job.id, job.record.request))
+    if (adm.enabled or circuit == "probing") and not adm.holds_slot(job.id):
+        return _wait(ctx, job, "slot", front=False)
+    # The account is usable and the job may go: but not during a 429 cooldown, and not
+    # faster than the fleet's submit rate.
+    wait_ms = adm.cooldown_ms() or adm.take_token()
+    if wait_ms > 0:
+        after = ctx.handoff.handoff(job, TASK_SUBMIT, countdown=wait_ms / 1000.0)
+        return StepResult(Outcome.RETRY if after else Outcome.LOST_RACE, job.id)
+    return None
+
+
+def _wait(ctx: StepContext, job: StoredJob, reason: str, *, front: bool) -> StepResult:
+    """Into the waiting room; the record says why and where. No message is promised: the
+    job leaves the due index, and admission (or any reconcile pass) sends its submit."""
+    adm = ctx.handoff.admission
+    adm.enter(job.id, job.record.request, front=front)
+    position = adm.position(job.id, job.record.request)
+    since = job.record.wait.since if job.record.wait else datetime.fromtimestamp(job.read_at, UTC)
+    wait = WaitInfo(
+        reason="paused" if reason == "paused" else "slot", since=since, position=position
+    )
+    ctx.store.update(job, JobChange(wait=wait, due_in=None, lease=None))
+    log.info(
+        "waiting for a RunComfy %s (position %s)",
+        "circuit" if reason == "paused" else "slot",
+        position,
+    )
+    ctx.handoff.admit_waiting()
+    return StepResult(Outcome.WAITING, job.id)
 
 
 def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> StepResult:
@@ -98,6 +141,7 @@ def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> S
         metrics.UPSTREAM_CALLS.labels("submit", call_outcome(exc)).inc()
         return _failed(ctx, claimed, exc)
     metrics.UPSTREAM_CALLS.labels("submit", "ok").inc()
+    ctx.handoff.admission.submitted()  # a half-open circuit closes
     # On the store's clock, like every time the schedule compares (POSTed just after the read)
     submitted_at = datetime.fromtimestamp(claimed.read_at, UTC)
     metrics.STAGE_SECONDS.labels("queued").observe(
@@ -141,6 +185,12 @@ def _still_ours(job: StoredJob | None, owner: str) -> bool:
 
 
 def _failed(ctx: StepContext, job: StoredJob, exc: ServiceError) -> StepResult:
+    if isinstance(exc, RetryableUpstreamError) and exc.status_code == 429:
+        # The account's limit, not this job's: every submit of the fleet waits it out.
+        cooldown = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_COOLDOWN_S
+        ctx.handoff.admission.start_cooldown(cooldown)
+        metrics.SUBMIT_COOLDOWNS.inc()
+        log.warning("429 from RunComfy: all submits wait %.1fs", cooldown)
     attempt = job.attempt + 1
     decision = decisions.decide_submit_error(
         exc,
@@ -149,6 +199,16 @@ def _failed(ctx: StepContext, job: StoredJob, exc: ServiceError) -> StepResult:
         deadline_s=ctx.settings.job.deadline_s,
         jitter=ctx.rng.random(),
     )
+    if isinstance(decision, decisions.PauseAccount):
+        # The account, not this job: every submit would fail the same way. Pause the fleet,
+        # keep the job (back at the front of its queue), and probe later.
+        status_code: int | None = getattr(exc, "status_code", None)
+        code = str(decision.error_code or status_code or "account")
+        ctx.handoff.admission.pause(code, decision.message, now=job.read_at)
+        metrics.ACCOUNT_PAUSES.labels(code).inc()
+        log.error("account error from RunComfy: submissions paused (%s)", decision.message)
+        ctx.handoff.admission.release(job.id, job.record.request)
+        return _wait(ctx, ctx.store.get(job.id) or job, "paused", front=True)
     if isinstance(decision, decisions.Fail):
         log.warning("submit failed: %s", decision.message)
         ctx.handoff.finish(
@@ -158,11 +218,21 @@ def _failed(ctx: StepContext, job: StoredJob, exc: ServiceError) -> StepResult:
             JobChange(lease=None),
         )
         return StepResult(Outcome.FAILED, job.id)
+    change = JobChange(lease=None, attempt=attempt)
+    if isinstance(decision, decisions.AmbiguousSubmit):
+        # The POST was sent and its answer lost: upstream may hold (and bill) a request.
+        metrics.AMBIGUOUS_SUBMITS.inc()
+        ctx.store.incr_stat("ambiguous_submits")
+        stamp = datetime.fromtimestamp(job.read_at, UTC).isoformat(timespec="seconds")
+        note = f"ambiguous_submit: the submit timed out after sending ({stamp})"
+        if ctx.settings.submit.ambiguous == "fail":
+            message = f"{note}; not submitted again (SUBMIT_AMBIGUOUS=fail)"
+            error = JobError(code=ErrorCode.SUBMIT_AMBIGUOUS, message=message)
+            ctx.handoff.finish(
+                job, JobStatus.FAILED, error, change.but(notes=[*job.record.notes, message])
+            )
+            return StepResult(Outcome.FAILED, job.id)
+        change = change.but(notes=[*job.record.notes, f"{note}; submitted again"])
     log.info("submit will retry in %.1fs: %s", decision.countdown, exc)
-    ctx.handoff.handoff(
-        job,
-        TASK_SUBMIT,
-        countdown=decision.countdown,
-        change=JobChange(lease=None, attempt=attempt),
-    )
+    ctx.handoff.handoff(job, TASK_SUBMIT, countdown=decision.countdown, change=change)
     return StepResult(Outcome.RETRY, job.id)

@@ -28,7 +28,7 @@ Figure = Callable[[Stack, bool], list[Row]]
 
 
 def _figures() -> dict[str, Figure]:
-    from bench import archive, enqueue, inflight, polling, throughput
+    from bench import account, archive, enqueue, inflight, polling, throughput
 
     # Order: cheap and independent first, so a crash late still leaves most of the table.
     return {
@@ -37,6 +37,7 @@ def _figures() -> dict[str, Figure]:
         "polling": polling.run,
         "throughput": throughput.run,
         "inflight": inflight.run,
+        "account": account.run,
     }
 
 

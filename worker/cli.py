@@ -21,6 +21,7 @@ from worker import __version__
 
 if TYPE_CHECKING:
     from api_contracts.jobs import JobRecord
+    from worker.jobs.reconcile import Reconciler
     from worker.producer.client import Client
     from worker.queueing.dead_letters import DeadLetterStore
 
@@ -503,6 +504,33 @@ def worker(ctx: click.Context) -> None:
     sys.exit(run_worker(list(ctx.args)))
 
 
+@contextmanager
+def _operator(redis_url: str | None) -> Iterator[Reconciler]:
+    """What an operator command works with: a reconciler over this environment's store,
+    publishing through a Celery app with no tasks; Redis errors become ``error: …``."""
+    import redis as redis_lib
+    from celery import Celery
+
+    from worker.queueing.config import celery_config
+    from worker.queueing.publish import make_publisher
+    from worker.queueing.run import make_reconciler
+    from worker.runtime import Runtime
+    from worker.settings import load_settings
+
+    with reported_errors():
+        settings = load_settings(redis={"url": redis_url}) if redis_url else load_settings()
+    app = Celery("runcomfy_operator", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    rt = Runtime(settings)
+    try:
+        yield make_reconciler(rt, make_publisher(app))
+    except redis_lib.RedisError as exc:
+        _fail(f"cannot reach Redis: {exc}")
+    finally:
+        rt.close()
+        app.close()
+
+
 @main.command(
     epilog="""\b
 Examples:
@@ -522,31 +550,10 @@ def reconcile(dry_run: bool, as_json: bool, limit: int | None, redis_url: str | 
     """List the jobs whose next step is overdue and (unless --dry-run) move them on."""
     import json
 
-    import redis as redis_lib
-    from celery import Celery
-
-    from worker.queueing.config import celery_config
-    from worker.queueing.publish import make_publisher
-    from worker.queueing.run import make_reconciler
-    from worker.runtime import Runtime
-    from worker.settings import load_settings
-
-    with reported_errors():
-        settings = load_settings(redis={"url": redis_url}) if redis_url else load_settings()
-        app = Celery("runcomfy_reconcile", set_as_current=False)
-        app.conf.update(celery_config(settings))
-        rt = Runtime(settings)
-        try:
-            reconciler = make_reconciler(rt, make_publisher(app))
-            if limit is not None:
-                reconciler.batch = limit
-            done = reconciler.run_pass(dry_run=dry_run)
-        except redis_lib.RedisError as exc:
-            _fail(f"cannot reach Redis: {exc}")
-            return
-        finally:
-            rt.close()
-            app.close()
+    with _operator(redis_url) as reconciler:
+        if limit is not None:
+            reconciler.batch = limit
+        done = reconciler.run_pass(dry_run=dry_run)
     if as_json:
         click.echo(json.dumps([item.as_dict() for item in done], indent=2))
         return
@@ -573,31 +580,11 @@ why, and one job tries again every RUNCOMFY_ACCOUNT_PROBE_S. This closes the cir
 @_redis_url_option
 def resume(redis_url: str | None) -> None:
     """Resume submissions paused by an account error, at once."""
-    import redis as redis_lib
-
-    from worker.queueing.config import celery_config
-    from worker.queueing.publish import make_publisher
-    from worker.queueing.run import make_reconciler
-    from worker.runtime import Runtime
-    from worker.settings import load_settings
-
-    with reported_errors():
-        settings = load_settings(redis={"url": redis_url}) if redis_url else load_settings()
-        from celery import Celery
-
-        app = Celery("runcomfy_resume", set_as_current=False)
-        app.conf.update(celery_config(settings))
-        rt = Runtime(settings)
-        try:
-            pause = rt.admission.paused()
-            rt.admission.resume()
-            admitted = make_reconciler(rt, make_publisher(app)).handoff.admit_waiting()
-        except redis_lib.RedisError as exc:
-            _fail(f"cannot reach Redis: {exc}")
-            return
-        finally:
-            rt.close()
-            app.close()
+    with _operator(redis_url) as reconciler:
+        admission = reconciler.handoff.admission
+        pause = admission.paused()
+        admission.resume()
+        admitted = reconciler.handoff.admit_waiting()
     if pause is None:
         click.echo("submissions were not paused")
     else:

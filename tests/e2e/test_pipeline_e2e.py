@@ -141,13 +141,25 @@ def test_generation_failed(stack: Stack) -> None:
     assert record.error is not None and record.error.code == "generation_failed"
 
 
-def test_permanent_upstream_error_fails_with_code_and_message(stack: Stack) -> None:
-    stack.emulator.update_config(token="a-different-token")
-    record = stack.wait_webhook(submit(stack))
-    assert record.status == JobStatus.FAILED
-    assert record.error is not None and record.error.code == "upstream_rejected"
-    assert "401" in record.error.message
-    assert TOKEN not in record.model_dump_json()
+def test_a_refused_token_pauses_submissions_instead_of_failing_jobs(stack: Stack) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    stack.emulator.update_config(token="a-different-token")  # our token is refused: 401
+    try:
+        job_id = submit(stack)
+        record = stack.wait(job_id, lambda r: r.wait is not None and r.wait.reason == "paused")
+        assert record.status != JobStatus.FAILED  # the account, not the job
+        assert TOKEN not in record.model_dump_json()
+        pause = stack.redis.get("rcw:pause")
+        assert pause is not None and b"401" in pause and TOKEN.encode() not in pause
+    finally:
+        stack.emulator.update_config(token=TOKEN)
+    resumed = CliRunner().invoke(main, ["resume"], env=stack.env)
+    assert resumed.exit_code == 0, resumed.output
+    record = stack.wait_webhook(job_id)
+    assert record.status == JobStatus.SUCCEEDED, record.error
 
 
 def test_429_storm_is_ridden_out(stack: Stack) -> None:

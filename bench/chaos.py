@@ -57,8 +57,12 @@ from worker.services.redis_client import make_redis
 from worker.settings import load_settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-#: Keys meant to live without a TTL (counters, indexes, the dead-letter list).
-PERMANENT_KEYS = frozenset({"rcw:stats", "rcw:inflight", "rcw:due", "rcw:dead"})
+#: Keys meant to live without a TTL (counters, indexes, the dead-letter list, the waiting
+#: room's structure); job records, idempotency keys and the like must all expire.
+PERMANENT_KEYS = frozenset(
+    {"rcw:stats", "rcw:inflight", "rcw:due", "rcw:dead", "rcw:slots", "rcw:waiting", "rcw:wrr"}
+)
+PERMANENT_PREFIXES = ("rcw:slots:t:", "rcw:rr:", "rcw:wait:")
 RECONCILE_INTERVAL_S = 3.0
 RECONCILE_GRACE_S = 3.0
 RUN_S = 2.0
@@ -456,13 +460,13 @@ def run(plan: Plan) -> dict[str, Any]:
 
 def enqueue_retrying(producer: Any, batch: list[dict[str, Any]]) -> list[Any]:
     """What a producer does through a Redis outage: try again (same idempotency keys)."""
-    from kombu.exceptions import OperationalError
+    from kombu.exceptions import KombuError
 
     deadline = time.monotonic() + 60
     while True:
         try:
             return list(producer.enqueue_many(batch))
-        except (redis.RedisError, OperationalError):
+        except (redis.RedisError, KombuError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
@@ -542,7 +546,11 @@ def measure(chaos: Chaos, producer: Any, ids: list[str], settled_at: float) -> d
     no_ttl = []
     for key in chaos.redis.scan_iter("rcw:*", count=1000):
         name = key.decode()
-        if name not in PERMANENT_KEYS and chaos.redis.ttl(key) == -1:
+        if (
+            name not in PERMANENT_KEYS
+            and not name.startswith(PERMANENT_PREFIXES)
+            and chaos.redis.ttl(key) == -1
+        ):
             no_ttl.append(name)
 
     back = chaos.timeline.redis_back

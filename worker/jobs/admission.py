@@ -44,6 +44,7 @@ import redis
 
 from api_contracts.jobs import JobRequest
 from worker.jobs.store import script
+from worker.services.redis_client import as_text
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ class RedisAdmission:
                 ",".join(str(w) for w in PRIORITY_WEIGHTS),
             ],
         )
-        return [_text(flat[i]) for i in range(0, len(flat), 2)]
+        return [as_text(flat[i]) for i in range(0, len(flat), 2)]
 
     def release(self, job_id: str, request: JobRequest | None) -> bool:
         """Free the job's slot (and its tenant's)."""
@@ -333,12 +334,10 @@ class RedisAdmission:
 
     def holders(self) -> list[str]:
         """Every slot holder."""
-        return [_text(m) for m in self.redis.zrange(SLOTS_KEY, 0, -1) if isinstance(m, bytes | str)]
+        return [
+            as_text(m) for m in self.redis.zrange(SLOTS_KEY, 0, -1) if isinstance(m, bytes | str)
+        ]
 
 
 def _queue(priority: str, tenant: str) -> str:
     return f"rcw:wait:{priority}:{tenant}"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -54,6 +54,7 @@ from worker.jobs.state import (
     request_hash,
     utcnow,
 )
+from worker.services.redis_client import as_text
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class RedisJobStore:
             raw, (seconds, micros) = pipe.execute()
         if not raw:
             return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {as_text(k): as_text(v) for k, v in raw.items()}
         return decode_job(fields, read_at=float(seconds) + float(micros) / 1e6)
 
     def load(self, job_id: str) -> StoredJob:
@@ -257,7 +258,7 @@ class RedisJobStore:
         two producers (or two entries of one batch) with one key and different requests
         always conflict, whichever creates its job first."""
         rhash = request_hash(request)
-        held = _text(
+        held = as_text(
             self._claim(keys=[IDEMPOTENCY_KEY_PREFIX + key], args=[f"{job_id}|{rhash}", self.ttl_s])
         )
         held_id, _, held_hash = held.partition("|")
@@ -275,7 +276,7 @@ class RedisJobStore:
 
     def stats(self) -> dict[str, int]:
         """Service-wide counters."""
-        return {_text(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
+        return {as_text(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
 
     def in_flight(self) -> int:
         """How many jobs are not final."""
@@ -290,7 +291,7 @@ class RedisJobStore:
     def due(self, now: float, limit: int) -> list[tuple[str, float]]:
         """Overdue jobs (ZRANGEBYSCORE with a LIMIT)."""
         rows = self.redis.zrangebyscore(DUE_KEY, "-inf", now, start=0, num=limit, withscores=True)
-        return [(_text(row[0]), float(row[1])) for row in rows if isinstance(row, tuple | list)]
+        return [(as_text(row[0]), float(row[1])) for row in rows if isinstance(row, tuple | list)]
 
     def due_count(self, now: float) -> int:
         """How many jobs are overdue."""
@@ -354,7 +355,3 @@ def _due_arg(after: StoredJob, change: JobChange) -> str:
 
 def _flatten(fields: Mapping[str, str]) -> list[str]:
     return [item for pair in fields.items() for item in pair]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

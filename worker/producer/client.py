@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import urlsplit, urlunsplit
 
+import kombu.exceptions
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -83,6 +84,10 @@ _REDIS_ERRORS: Final = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     KombuOperationalError,
+    # a batch of submit messages cut by a failover (kombu 5.7+): the records exist, so
+    # retrying with the same idempotency keys is safe, and the reconciler resubmits any that
+    # stay queued
+    getattr(kombu.exceptions, "BatchPublishError", KombuOperationalError),
 )
 
 

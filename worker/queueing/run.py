@@ -27,7 +27,7 @@ from worker.queueing.config import ServiceCelery, celery_config
 from worker.queueing.publish import make_publisher
 from worker.queueing.tasks import register_tasks
 from worker.runtime import Runtime
-from worker.services.redis_client import make_redis, master_password
+from worker.services.redis_client import as_text, make_redis, master_password
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def check_redis_eviction(client: redis.Redis, *, allowed: bool) -> None:
     asked (down, or CONFIG disabled as on some managed services) is only logged."""
     try:
         answer: dict[Any, Any] = client.config_get("maxmemory-policy")
-        policy = _text(answer.get("maxmemory-policy") or answer.get(b"maxmemory-policy") or "")
+        policy = as_text(answer.get("maxmemory-policy") or answer.get(b"maxmemory-policy") or "")
     except redis.RedisError as exc:
         log.warning("could not read Redis's maxmemory-policy (%s); make sure it is noeviction", exc)
         return
@@ -231,7 +231,3 @@ def run_worker(extra: list[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return int(code or 0)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -24,6 +24,11 @@ SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 
 
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (clients here do not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def sentinel_nodes(url: str) -> list[tuple[str, int]]:
     """The (host, port) of every ``sentinel://`` part of ``url``."""
     parts = [urlsplit(p.strip()) for p in url.split(";") if p.strip()]

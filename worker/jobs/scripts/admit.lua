@@ -23,6 +23,9 @@
 -- Returns a flat list: job id, tenant, job id, tenant … of the jobs admitted.
 if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
 local prios = {'high', 'normal', 'low'}
+local waiting = 0
+for _, p in ipairs(prios) do waiting = waiting + redis.call('LLEN', 'rcw:rr:' .. p) end
+if waiting == 0 then return {} end  -- nothing waits: touch nothing
 local weights = {}
 for w in string.gmatch(ARGV[5], '[^,]+') do table.insert(weights, tonumber(w)) end
 local limit = tonumber(ARGV[3])

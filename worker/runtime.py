@@ -29,6 +29,8 @@ class Runtime:
     settings: Settings
     redis_client: redis.Redis | None = None
     pid: int = field(default_factory=os.getpid)
+    #: see StepContext.unrecorded: shared by every task of this process
+    unrecorded_submits: dict[str, str] = field(default_factory=dict)
 
     @cached_property
     def redis(self) -> redis.Redis:

@@ -1597,3 +1597,31 @@ def test_a_submit_whose_answer_meets_a_concurrent_write_records_it_without_posti
     assert result == StepResult(Outcome.SUBMITTED, "j1")
     assert w.upstream.calls["submit"] == 1
     assert (w.job().status, w.job().record.request_id, w.job().seq) == (S.IN_QUEUE, RID, 1)
+
+
+def test_a_post_whose_answer_could_not_be_written_is_recorded_not_posted_again(
+    w: World,
+) -> None:
+    seed(w, "j1", S.QUEUED)
+    w.upstream.on_submit.set(SubmitResponse(request_id=RID))
+    real_update = w.store.update
+    broken = [True]
+
+    def redis_gone_once(job: StoredJob, change: JobChange, **kw: Any) -> StoredJob | None:
+        if broken and change.request_id == RID:
+            broken.clear()
+            raise ConnectionError("Redis went away")  # after the POST, before its write
+        return real_update(job, change, **kw)
+
+    w.store.update = redis_gone_once  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        submit(w.ctx, SubmitMessage(job_id="j1", request=REQUEST), owner="t1")
+    assert w.ctx.unrecorded == {"j1": RID}
+    # Celery retries the same delivery (same task id, so the lease is its own)
+    again = submit(w.ctx, SubmitMessage(job_id="j1", request=REQUEST), owner="t1")
+    assert again == StepResult(Outcome.SUBMITTED, "j1")
+    assert w.upstream.calls["submit"] == 1  # not paid twice
+    job = w.job()
+    assert (job.status, job.record.request_id) == (S.IN_QUEUE, RID)
+    assert not any(n.startswith("ambiguous_submit") for n in job.record.notes)
+    assert w.ctx.unrecorded == {}

@@ -79,6 +79,7 @@ def step_context(rt: Runtime, publish: Publisher) -> StepContext:
             admission=rt.admission,
         ),
         services=rt,
+        unrecorded=rt.unrecorded_submits,
     )
 
 

@@ -94,6 +94,9 @@ class StepContext:
     services: Services
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
+    #: job id -> upstream request id of POSTs this process made but could not record (Redis
+    #: was away); the retried submit records it instead of POSTing again
+    unrecorded: dict[str, str] = field(default_factory=dict)
 
     @property
     def upstream(self) -> Upstream:

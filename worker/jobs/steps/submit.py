@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 LEASE_MARGIN_S: Final = 15.0
 #: Attempts to record upstream's answer when the job changed between claim and answer.
 RECORD_ATTEMPTS: Final = 3
+#: Answers of POSTs whose write failed, kept per process for the retry (bounded).
+UNRECORDED_MAX: Final = 10_000
 #: The fleet-wide pause after a 429 without Retry-After.
 DEFAULT_COOLDOWN_S: Final = 5.0
 
@@ -103,6 +105,11 @@ def _wait(ctx: StepContext, job: StoredJob, reason: str, *, front: bool) -> Step
 
 
 def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> StepResult:
+    # This process POSTed for this job before, and only writing the answer failed (Redis
+    # went away): record that answer instead of POSTing (and paying) again.
+    remembered = ctx.unrecorded.get(job.id)
+    if remembered is not None:
+        ambiguous = False
     # The lease covers the client's whole timeout budget (pool, connect, write, read), on
     # the store's clock: another delivery only takes over once this POST cannot be running.
     lease_s = ctx.settings.runcomfy.call_budget_s + LEASE_MARGIN_S
@@ -135,22 +142,43 @@ def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> S
         return StepResult(Outcome.LOST_RACE, job.id)
     request = claimed.record.request
     assert request is not None  # a job with a parsed request is the only kind we submit
+    if remembered is not None:
+        request_id = remembered
+        log.warning("recording the answer of this process's earlier POST (its write failed)")
+    else:
+        try:
+            request_id = ctx.upstream.submit(request.input).request_id
+        except ServiceError as exc:
+            metrics.UPSTREAM_CALLS.labels("submit", call_outcome(exc)).inc()
+            return _failed(ctx, claimed, exc)
+        metrics.UPSTREAM_CALLS.labels("submit", "ok").inc()
+        ctx.handoff.admission.submitted()  # a half-open circuit closes
     try:
-        answer = ctx.upstream.submit(request.input)
-    except ServiceError as exc:
-        metrics.UPSTREAM_CALLS.labels("submit", call_outcome(exc)).inc()
-        return _failed(ctx, claimed, exc)
-    metrics.UPSTREAM_CALLS.labels("submit", "ok").inc()
-    ctx.handoff.admission.submitted()  # a half-open circuit closes
+        return _record(ctx, job, claimed, request_id, owner=owner)
+    except Exception:
+        _remember(ctx.unrecorded, job.id, request_id)
+        raise
+
+
+def _remember(unrecorded: dict[str, str], job_id: str, request_id: str) -> None:
+    unrecorded[job_id] = request_id
+    while len(unrecorded) > UNRECORDED_MAX:  # only Redis outages add entries; keep it bounded
+        unrecorded.pop(next(iter(unrecorded)))
+
+
+def _record(
+    ctx: StepContext, job: StoredJob, claimed: StoredJob, request_id: str, *, owner: str
+) -> StepResult:
+    """Write upstream's answer and hand off to the first status check."""
     # On the store's clock, like every time the schedule compares (POSTed just after the read)
     submitted_at = datetime.fromtimestamp(claimed.read_at, UTC)
     metrics.STAGE_SECONDS.labels("queued").observe(
         (submitted_at - claimed.record.created_at).total_seconds()
     )
-    with log_context(request_id=answer.request_id):
+    with log_context(request_id=request_id):
         recorded = JobChange(
             status=JobStatus.IN_QUEUE,
-            request_id=answer.request_id,
+            request_id=request_id,
             submitted_at=submitted_at,
             lease=None,
             attempt=0,
@@ -170,6 +198,7 @@ def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> S
                 return StepResult(Outcome.LOST_RACE, job.id)
             assert fresh is not None
             after = ctx.handoff.handoff(fresh, TASK_POLL, countdown=countdown, change=recorded)
+        ctx.unrecorded.pop(job.id, None)
         log.info("submitted upstream")
     return StepResult(Outcome.SUBMITTED if after else Outcome.LOST_RACE, job.id)
 

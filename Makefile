@@ -49,3 +49,10 @@ chaos-quick: $(STAMP)  ## the CI form: 200 jobs, 30 s of faults
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-output
+
+profile-poll: $(STAMP)  ## CPU of one status check by package (cProfile + stack samples), under a minute
+	$(BIN)/python -m bench.profile_poll
+
+.PHONY: bench-fleet
+bench-fleet: $(STAMP)  ## 100,000 jobs in flight across 10 workers: lateness, checks/s, RSS, Redis (20-30 min)
+	$(BIN)/python -m bench.fleet

@@ -28,7 +28,7 @@ Figure = Callable[[Stack, bool], list[Row]]
 
 
 def _figures() -> dict[str, Figure]:
-    from bench import account, archive, enqueue, inflight, polling, throughput
+    from bench import account, archive, enqueue, fleet, inflight, polling, throughput
 
     # Order: cheap and independent first, so a crash late still leaves most of the table.
     return {
@@ -38,6 +38,7 @@ def _figures() -> dict[str, Figure]:
         "throughput": throughput.run,
         "inflight": inflight.run,
         "account": account.run,
+        "fleet": fleet.run,
     }
 
 

@@ -17,6 +17,10 @@ INFLIGHT_KEY: Final = KEY_PREFIX + "inflight"
 DUE_KEY: Final = KEY_PREFIX + "due"
 #: Lease lock held by the one reconcile pass running fleet-wide (value: its owner).
 RECONCILE_LOCK_KEY: Final = KEY_PREFIX + "reconcile:lock"
+#: The wake loop's lock (one wake pass per RECONCILE_WAKE_S fleet-wide).
+WAKE_LOCK_KEY: Final = KEY_PREFIX + "wake:lock"
+#: Learned run times: ``<prefix><model>|<W>x<H>|<single|set>:cur`` / ``:old`` hashes.
+RUNTIMES_KEY_PREFIX: Final = KEY_PREFIX + "runtimes:"
 #: Pub/sub channel prefix; every change of job X is published on ``rcw:events:<X>``.
 EVENTS_CHANNEL_PREFIX: Final = KEY_PREFIX + "events:"
 #: Counter hash of service-wide figures (ambiguous submits, malformed messages …).

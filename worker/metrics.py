@@ -70,6 +70,16 @@ STATUS_CALLS_PER_JOB: Final = Histogram(
     "Status requests made for one job before it finished upstream.",
     buckets=_STATUS_CALL_BUCKETS,
 )
+CHECK_LATENESS: Final = Histogram(
+    "runcomfy_status_check_lateness_seconds",
+    "How late a status check ran against the time its schedule planned (store clock).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SCHEDULE_CHECKS: Final = Counter(
+    "runcomfy_status_checks_total",
+    "Status checks by schedule: learned (from run times of earlier jobs) or fallback.",
+    ["schedule"],
+)
 WEBHOOK_ATTEMPTS: Final = Counter(
     "runcomfy_webhook_attempts_total", "Webhook delivery attempts by outcome.", ["outcome"]
 )

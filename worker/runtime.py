@@ -13,6 +13,7 @@ import httpx
 import redis
 
 from worker.jobs.admission import RedisAdmission
+from worker.jobs.runtimes import RedisRuntimes
 from worker.jobs.store import JobStore, RedisJobStore
 from worker.services.redis_client import make_redis
 from worker.services.runcomfy import RunComfyClient
@@ -45,6 +46,14 @@ class Runtime:
             ttl_s=self.settings.job.ttl_s,
             deadline_s=self.settings.job.deadline_s,
             submit_grace_s=self.settings.submit.grace_s,
+        )
+
+    @cached_property
+    def runtimes(self) -> RedisRuntimes:
+        """Learned run times per kind (the status schedule's input)."""
+        poll = self.settings.poll
+        return RedisRuntimes(
+            self.redis, window=poll.learn_window, min_samples=poll.learn_min_samples
         )
 
     @cached_property

@@ -266,6 +266,26 @@ class PollSettings(_Section):
     initial_delay_s: float = Field(default=1.0, ge=0)
     min_interval_s: float = Field(default=1.0, gt=0)
     max_interval_s: float = Field(default=30.0, gt=0)
+    learn: bool = Field(
+        default=True,
+        description="Schedule checks around the run times learned from earlier jobs of the "
+        "same model, size and force_single (false: always the 10 % rule).",
+    )
+    learn_min_samples: int = Field(
+        default=50, ge=1, description="Finished jobs of a kind before its run times are used."
+    )
+    learn_window: int = Field(
+        default=500,
+        ge=10,
+        description="Samples per window of the run-time sketch; the last 1-2 windows count.",
+    )
+    learn_quantile: float = Field(
+        default=0.05,
+        gt=0,
+        lt=0.5,
+        description="The learned schedule's first check comes when this share of earlier "
+        "jobs would have finished (the share it may detect later than the 10 % bound).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> PollSettings:
@@ -294,6 +314,12 @@ class ReconcileSettings(_Section):
         default=15.0, gt=0, description="How often one worker fleet-wide sweeps overdue jobs."
     )
     batch: int = Field(default=500, ge=1, description="Most overdue jobs handled per pass.")
+    wake_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="How often one worker fleet-wide sends the parked waits that are due "
+        "(long status-check intervals, webhook retries): how late they may run.",
+    )
     grace_s: float = Field(
         default=15.0,
         gt=0,

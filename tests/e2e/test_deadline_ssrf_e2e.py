@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -35,6 +36,13 @@ def test_deadline_while_queued_cancels_upstream(stack: Stack) -> None:
     record = stack.wait(job_id, timeout=20)
     assert record.status == JobStatus.FAILED
     assert record.error is not None and record.error.code == "deadline_exceeded"
+    # the writer that failed the job cancels upstream just after: wait for it, then make
+    # sure nobody else (the poll and the reconciler both see the deadline) cancels again
+    deadline = time.monotonic() + 10
+    while stack.emulator.counters()["cancels"] == before["cancels"]:
+        assert time.monotonic() < deadline, "upstream request never cancelled"
+        time.sleep(0.05)
+    time.sleep(1.0)
     after = stack.emulator.counters()
     assert after["cancels"] - before["cancels"] == 1
     assert after["cancelled_by_client"] - before["cancelled_by_client"] == 1

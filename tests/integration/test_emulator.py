@@ -379,6 +379,8 @@ def test_429_with_retry_after_for_the_next_n_calls(emu: EmulatorServer, http: ht
 def test_server_errors_on_every_endpoint(
     emu: EmulatorServer, http: httpx.Client, kind: str, endpoint: str
 ) -> None:
+    # still queued (cancellable, counted in_queue) however slow this machine is
+    emu.update_config(queue_s=30)
     rid = submit(http)
     emu.set_faults([FaultRule.model_validate({"kind": kind, "endpoint": endpoint})])
     method, path = {

@@ -59,11 +59,18 @@ def test_the_pass_lock_admits_one_pass_per_interval_whoever_asks(
 
     redis_client.flushdb()
     lock = redis_lock(redis_client)
-    assert lock("a", 0.3) is True
-    assert lock("a", 0.3) is False  # not even its holder: one pass per interval
-    assert lock("b", 0.3) is False
+    assert lock.take("a", 30) is True
+    assert lock.take("a", 30) is False  # not even its holder: one pass at a time
+    assert lock.take("b", 30) is False
+    lock.release("b", 0)  # not b's: nothing happens
+    assert lock.take("b", 30) is False
+    lock.release("a", 0.3)  # the pass is over; the rest of its period is 0.3 s
+    assert 0 < redis_client.pttl("rcw:reconcile:lock") <= 300
+    assert lock.take("b", 30) is False
     time.sleep(0.35)  # expired, holder alive or not
-    assert lock("b", 0.3) is True
+    assert lock.take("b", 30) is True
+    lock.release("b", -1.0)  # a pass longer than its period frees the lock at once
+    assert lock.take("a", 30) is True
 
 
 @pytest.mark.parametrize(

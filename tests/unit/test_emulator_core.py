@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -246,3 +247,15 @@ def test_reset_restores_initial_state() -> None:
 def test_public_dump_masks_token() -> None:
     assert EmulatorConfig(token="secret").public_dump()["token"] == "***"
     assert EmulatorConfig().public_dump()["token"] is None
+
+
+def test_run_sigma_spreads_run_times_lognormally_around_run_s() -> None:
+    fixed = Emulator(EmulatorConfig(run_s=10.0), "http://e")
+    assert {fixed._run_time(fixed._config) for _ in range(5)} == {10.0}
+    spread = Emulator(EmulatorConfig(run_s=10.0, run_sigma=0.3, seed=4), "http://e")
+    drawn = [spread._run_time(spread._config) for _ in range(2001)]
+    times = sorted(drawn)
+    assert times[1000] == pytest.approx(10.0, rel=0.05)  # the median
+    assert times[1900] / times[1000] == pytest.approx(math.exp(0.3 * 1.645), rel=0.1)
+    again = Emulator(EmulatorConfig(run_s=10.0, run_sigma=0.3, seed=4), "http://e")
+    assert [again._run_time(again._config) for _ in range(3)] == drawn[:3]  # seeded

@@ -66,9 +66,12 @@ def test_there_are_lua_scripts() -> None:
     assert [p.name for p in SCRIPTS] == [
         "admit.lua",
         "bucket.lua",
+        "check.lua",
         "claim.lua",
         "create.lua",
         "enter.lua",
+        "learn.lua",
+        "unlock.lua",
         "update.lua",
     ]
 

@@ -296,3 +296,24 @@ def test_configure_logging_installs_redaction(capsys: pytest.CaptureFixture[str]
     configure_logging("INFO", secrets=["hunter2-hunter2"])
     logging.getLogger("worker.test").info("password is hunter2-hunter2")
     assert json_lines(capsys.readouterr().out)[0]["msg"] == "password is ***"
+
+
+def test_celery_per_task_lines_are_quiet_at_info_and_back_at_debug() -> None:
+    import logging
+
+    from worker.logs import CELERY_PER_TASK_LOGGERS, configure_logging
+
+    try:
+        configure_logging("INFO", json_format=True)
+        assert all(
+            not logging.getLogger(n).isEnabledFor(logging.INFO) for n in CELERY_PER_TASK_LOGGERS
+        )
+        assert logging.getLogger("worker.jobs").isEnabledFor(logging.INFO)
+        configure_logging("DEBUG", json_format=True)
+        assert all(
+            logging.getLogger(n).isEnabledFor(logging.DEBUG) for n in CELERY_PER_TASK_LOGGERS
+        )
+    finally:
+        configure_logging("WARNING", json_format=True)
+        for name in CELERY_PER_TASK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)

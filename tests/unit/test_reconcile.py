@@ -3,6 +3,8 @@ recording publisher and a fixed clock."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,7 +16,7 @@ from api_contracts.upstream import CancelResponse
 from tests.unit.fakes import Clock, FakeUpstream, Recorder
 from worker.jobs.handoff import OUTBOX_GRACE_S, Handoff
 from worker.jobs.memory import InMemoryJobStore
-from worker.jobs.reconcile import Action, Reconciler, decide
+from worker.jobs.reconcile import Action, ReconcileLoop, Reconciler, decide
 from worker.jobs.state import JobChange, Lease, Outbox, StoredJob
 
 S = JobStatus
@@ -69,8 +71,11 @@ RETRY = OUTBOX_GRACE_S + INTERVAL
         # a submit mid-POST: wait for its lease; after it, resubmit (the ambiguous window)
         (job(S.SUBMITTING, lease=("t", 20.0)), Action.WAIT, None, 21.0),
         (job(S.SUBMITTING, lease=("t", -1.0)), Action.RESUBMIT, TASK_SUBMIT, RETRY),
-        # a parked or lost submit retry
-        (job(S.SUBMITTING, outbox=(TASK_SUBMIT, 3, -5)), Action.REPUBLISH, TASK_SUBMIT, RETRY),
+        # a parked submit retry or status check that is due (within its grace: only parked
+        # waits are in the index then) is woken; a lost one (past the grace) is republished
+        (job(S.SUBMITTING, outbox=(TASK_SUBMIT, 3, -5)), Action.WAKE, TASK_SUBMIT, RETRY),
+        (job(S.IN_PROGRESS, outbox=(TASK_POLL, 3, -0.2)), Action.WAKE, TASK_POLL, RETRY),
+        (job(S.SUBMITTING, outbox=(TASK_SUBMIT, 3, -40)), Action.REPUBLISH, TASK_SUBMIT, RETRY),
         # a lost poll, archive
         (job(S.IN_QUEUE, outbox=(TASK_POLL, 3, -40)), Action.REPUBLISH, TASK_POLL, RETRY),
         (job(S.IN_PROGRESS, outbox=(TASK_POLL, 3, -40)), Action.REPUBLISH, TASK_POLL, RETRY),
@@ -228,3 +233,116 @@ def test_final_jobs_leave_the_due_index(w: World) -> None:
     assert "j1" in w.store.due_at
     w.store.update(job, JobChange(status=S.CANCELLED))
     assert "j1" not in w.store.due_at
+
+
+# ------------------------------------------------------------------------------ wake passes
+def test_a_parked_status_check_is_woken_when_due_and_not_before(w: World) -> None:
+    job, _ = w.store.create_if_absent("j1", REQ)
+    for status in (S.SUBMITTING, S.IN_PROGRESS):
+        job = w.store.update(job, JobChange(status=status)) or job
+    after = w.handoff.handoff(job, TASK_POLL, countdown=300)  # > PARK_AFTER_S: parked
+    assert after is not None and w.sent() == []
+    w.clock.advance(299.5)
+    assert w.reconciler.wake() == []
+    w.clock.advance(0.5)
+    [done] = w.reconciler.wake()
+    assert done.plan.action == Action.WAKE
+    assert w.sent() == [(TASK_POLL, ["j1", after.seq])]
+    # it must now run: overdue (republished) only after grace + interval
+    assert w.store.due_at["j1"] == pytest.approx(w.clock.now + RETRY)
+
+
+def test_the_loop_wakes_every_wake_period_and_runs_full_passes_per_interval() -> None:
+    class FakeReconciler:
+        interval_s = 0.4
+
+        def __init__(self) -> None:
+            self.passes = self.wakes = 0
+
+        def run_pass(self) -> None:
+            self.passes += 1
+
+        def wake(self) -> None:
+            self.wakes += 1
+
+    class Lock:
+        """A pass lock as Redis keeps it (expiry on a monotonic clock)."""
+
+        def __init__(self) -> None:
+            self.until = 0.0
+            self.holder: str | None = None
+            self.held = 0
+
+        def take(self, owner: str, hold_s: float) -> bool:
+            if time.monotonic() < self.until:
+                return False
+            self.until, self.holder = time.monotonic() + hold_s, owner
+            self.held += 1
+            return True
+
+        def release(self, owner: str, keep_s: float) -> None:
+            assert owner == self.holder
+            self.until = time.monotonic() + max(0.0, keep_s)
+
+    fake = FakeReconciler()
+    loop = ReconcileLoop(
+        fake,  # type: ignore[arg-type]
+        Lock(),
+        wake_s=0.05,
+        wake_lock=Lock(),
+    )
+    loop.start()
+    time.sleep(1.0)
+    loop.stop()
+    assert 1 <= fake.passes <= 4  # once per interval (0.4 s)
+    assert fake.wakes >= 5  # wake passes (every 0.05 s) in between
+
+
+def test_a_long_wake_pass_is_never_overlapped_by_the_next() -> None:
+    """A pass that takes longer than its period holds its lock until it ends."""
+    running = threading.Event()
+    overlaps: list[int] = []
+    active = [0]
+
+    class SlowReconciler:
+        interval_s = 60.0
+
+        def run_pass(self) -> None:
+            pass
+
+        def wake(self) -> None:
+            active[0] += 1
+            overlaps.append(active[0])
+            running.set()
+            time.sleep(0.15)  # three wake periods
+            active[0] -= 1
+
+    class Lock:
+        def __init__(self) -> None:
+            self.until = 0.0
+            self.lock = threading.Lock()
+
+        def take(self, owner: str, hold_s: float) -> bool:
+            with self.lock:
+                if time.monotonic() < self.until:
+                    return False
+                self.until = time.monotonic() + hold_s
+                return True
+
+        def release(self, owner: str, keep_s: float) -> None:
+            with self.lock:
+                self.until = time.monotonic() + max(0.0, keep_s)
+
+    wake_lock = Lock()
+    loops = [
+        ReconcileLoop(SlowReconciler(), Lock(), wake_s=0.05, wake_lock=wake_lock)  # type: ignore[arg-type]
+        for _ in range(3)  # three workers sharing one wake lock
+    ]
+    for loop in loops:
+        loop.start()
+    assert running.wait(5)
+    time.sleep(0.6)
+    for loop in loops:
+        loop.stop()
+    time.sleep(0.2)
+    assert len(overlaps) >= 2 and max(overlaps) == 1

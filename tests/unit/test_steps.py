@@ -67,6 +67,7 @@ from worker.errors import (
 from worker.jobs.cancel import cancel_queued
 from worker.jobs.handoff import OUTBOX_GRACE_S, Handoff, Outcome, StepResult
 from worker.jobs.memory import InMemoryJobStore
+from worker.jobs.runtimes import MemoryRuntimes, runtime_kind
 from worker.jobs.state import UNCHANGED, JobChange, Lease, Outbox, StoredJob
 from worker.jobs.steps import StepContext
 from worker.jobs.steps.archive import archive
@@ -539,6 +540,79 @@ def test_poll_interval_follows_the_injected_clock(w: World) -> None:
 
     [(_, _, _, countdown)] = w.rec.sent
     assert countdown == pytest.approx(20.0 * (1 - 0.1 * jitter))
+
+
+def learned_world(samples: list[float]) -> tuple[World, MemoryRuntimes]:
+    world = make_world()
+    book = MemoryRuntimes()
+    kind = runtime_kind(world.settings.runcomfy.model_id, REQUEST.input)
+    for seconds in samples:
+        book.learn(kind, seconds, early=False)
+    world.ctx.runtimes = book
+    return world, book
+
+
+def test_a_check_that_changes_nothing_is_a_check_only_write(w: World) -> None:
+    seed(w, "j1", S.IN_PROGRESS, seq=1, submitted_ago_s=50)
+    events = len(w.store.events)
+    w.upstream.on_status.set(IN_PROGRESS_ANSWER)
+
+    assert poll(w.ctx, StepMessage(job_id="j1", seq=1)).outcome == Outcome.RESCHEDULED
+
+    assert w.store.check_writes == 1 and len(w.store.events) == events  # no event
+    job = w.job()
+    assert (job.seq, job.record.status_calls, job.checked_ts) == (2, 1, w.clock.now)
+
+
+def test_a_status_change_is_a_full_write_with_the_check_marks(w: World) -> None:
+    seed(w, "j1", S.IN_QUEUE, seq=1, queue_position=2, submitted_ago_s=3)
+    w.upstream.on_status.set(IN_PROGRESS_ANSWER)
+
+    poll(w.ctx, StepMessage(job_id="j1", seq=1))
+
+    assert w.store.check_writes == 0
+    job = w.job()
+    assert job.status == S.IN_PROGRESS and job.started_ts == w.clock.now
+    assert job.queued_ts == 0.0  # never seen queued by a check
+
+
+def test_poll_waits_for_the_learned_low_quantile_of_a_known_kind() -> None:
+    w, book = learned_world([20.0 + i * 0.1 for i in range(100)])  # 20-30 s, all of them
+    seed(w, "j1", S.IN_PROGRESS, seq=1, submitted_ago_s=2)
+    w.upstream.on_status.set(IN_PROGRESS_ANSWER)
+
+    poll(w.ctx, StepMessage(job_id="j1", seq=1))
+
+    [(_, _, _, countdown)] = w.rec.sent
+    kind = runtime_kind(w.settings.runcomfy.model_id, REQUEST.input)
+    sketch = book.sketch(kind)
+    assert sketch is not None
+    low = sketch.quantile(w.settings.poll.learn_quantile)
+    assert 19.5 < low < 21.5 and countdown == pytest.approx(low - 2.0, abs=0.01)
+
+
+def test_submit_plans_the_first_check_from_learned_run_times() -> None:
+    w, _ = learned_world([40.0] * 60)
+    seed(w, "j1", S.QUEUED)
+    w.upstream.on_submit.set(SubmitResponse(request_id=RID, status="in_queue"))
+
+    submit(w.ctx, SubmitMessage(job_id="j1", request=REQUEST), owner="t1")
+
+    [(task, _, _, countdown)] = w.rec.sent
+    assert task == TASK_POLL and countdown == pytest.approx(40.0, rel=0.05)
+
+
+def test_a_completed_generation_teaches_its_kind() -> None:
+    w, book = learned_world([])
+    job = seed(w, "j1", S.IN_PROGRESS, seq=1, submitted_ago_s=30)
+    w.store.update(job, JobChange(checked_ts=w.clock.now - 2.0))  # last check 2 s ago
+    w.upstream.on_status.set(StatusResponse(status="completed"))
+
+    assert poll(w.ctx, StepMessage(job_id="j1", seq=1)).outcome == Outcome.COMPLETED
+
+    sketch = book.sketch(runtime_kind(w.settings.runcomfy.model_id, REQUEST.input))
+    assert sketch is not None and sketch.total == 1
+    assert sketch.quantile(0.5) == pytest.approx(29.0, rel=0.05)  # between the checks
 
 
 def test_poll_completed_hands_off_archive(w: World) -> None:

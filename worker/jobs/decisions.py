@@ -6,6 +6,7 @@ are passed in, so every rule here is tested with tables (tests/unit/test_decisio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -25,6 +26,7 @@ from worker.errors import (
     UpstreamExpiredError,
     UpstreamProtocolError,
 )
+from worker.jobs.runtimes import Sketch
 from worker.settings import PollSettings
 
 #: Consecutive malformed status answers tolerated before the job fails.
@@ -48,6 +50,8 @@ class Reschedule:
     reason: str
     status: JobStatus | None = None
     queue_position: int | None = None
+    #: the countdown comes from learned run times (longer than the 10 % rule's)
+    learned: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,12 +133,169 @@ def retry_delay(error: ServiceError, attempt: int, jitter: float) -> float:
 
 
 def poll_interval(elapsed_s: float, poll: PollSettings, jitter: float = 0.5) -> float:
-    """Time to the next status check: about 10 % of the time upstream has had the request,
-    never above ``max_interval_s``; ``jitter`` in [0, 1) shortens it by up to 10 % so jobs
-    submitted together do not poll in lockstep. Jitter only ever shortens: the detection
-    delay stays within 10 % of the generation time (and within ``min_interval_s``)."""
+    """The 10 % rule: time to the next status check is about 10 % of the time upstream has
+    had the request, never above ``max_interval_s``; ``jitter`` in [0, 1) shortens it by up
+    to 10 % so jobs submitted together do not poll in lockstep. Jitter only ever shortens:
+    the detection delay stays within 10 % of the generation time (and ``min_interval_s``)."""
     base = min(poll.max_interval_s, max(poll.min_interval_s, 0.1 * max(elapsed_s, 0.0)))
     return base * (1.0 - 0.1 * min(max(jitter, 0.0), 1.0))
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a job's status checks have shown, in seconds since upstream accepted it.
+
+    ``queued_s``: the last check that saw it ``in_queue`` (0: never seen queued, so its run
+    counts from the submit); ``started_s``: the first check that saw it running (None: not
+    yet). Its run started somewhere in ``(queued_s, started_s]``."""
+
+    elapsed_s: float
+    queued_s: float = 0.0
+    started_s: float | None = None
+
+    def seen(self, status: str) -> Observed:
+        """After a check at ``elapsed_s`` answered ``status``."""
+        if status == "in_queue":
+            return Observed(self.elapsed_s, self.elapsed_s, self.started_s)
+        if self.started_s is None and status in ("in_progress", "completed"):
+            return Observed(self.elapsed_s, self.queued_s, self.elapsed_s)
+        return self
+
+    @property
+    def start_spread(self) -> float:
+        """How uncertain the start is (0 when never seen queued: the run counts from 0)."""
+        if self.queued_s <= 0 or self.started_s is None:
+            return 0.0
+        return max(0.0, self.started_s - self.queued_s)
+
+
+def learned_sketch(sketch: Sketch | None, poll: PollSettings) -> Sketch | None:
+    """The sketch if the schedule may trust it: learning on, enough samples, and not many
+    jobs finishing before the learned schedule looked (upstream got faster: the window has
+    to move on first)."""
+    if not poll.learn or sketch is None or sketch.total < poll.learn_min_samples:
+        return None
+    if sketch.early_share > 3 * poll.learn_quantile:
+        return None
+    return sketch
+
+
+def first_check(sketch: Sketch | None, poll: PollSettings) -> tuple[float, bool]:
+    """Countdown from submit to the first status check, and whether it is learned: when
+    ``learn_quantile`` of earlier jobs of the kind would have finished (never before
+    ``initial_delay_s``); with no usable sketch, ``initial_delay_s``."""
+    usable = learned_sketch(sketch, poll)
+    if usable is None:
+        return poll.initial_delay_s, False
+    planned = usable.quantile(poll.learn_quantile)
+    if planned <= poll.initial_delay_s:
+        return poll.initial_delay_s, False
+    return planned, True
+
+
+def next_check(
+    status: JobStatus, seen: Observed, sketch: Sketch | None, poll: PollSettings, jitter: float
+) -> tuple[float, bool]:
+    """Countdown to the next status check of a job still ``status`` (in_queue/in_progress)
+    after the checks in ``seen``, and whether it comes from learned run times.
+
+    The 10 % rule (:func:`poll_interval`) is the floor: a job is never checked later than it
+    would allow *unless* the sketch says it almost surely cannot have finished yet:
+
+    * ``in_queue``: it has not started, so it cannot finish before now + its run time: the
+      next check waits the run time's ``learn_quantile`` (the queue shifts the plan along);
+    * running: it finishes at start + run time, its start within ``seen.start_spread``: the
+      next check waits until the ``learn_quantile`` of that; past it, the 10 % rule.
+
+    So only jobs faster than that quantile (about ``learn_quantile`` of them) can be seen
+    later than 10 % of their run time; slow ones, however far from the learned
+    distribution, are on the 10 % rule. ``max_interval_s`` caps the rule, not a learned
+    wait: a 10 min generation is not looked at every 30 s for its first 6 minutes."""
+    fallback = poll_interval(seen.elapsed_s, poll, jitter)
+    usable = learned_sketch(sketch, poll)
+    if usable is None:
+        return fallback, False
+    if status == JobStatus.IN_QUEUE:
+        planned = usable.quantile(poll.learn_quantile)
+    else:
+        anchor = seen.queued_s
+        earliest = usable.quantile(poll.learn_quantile) + seen.start_spread
+        if anchor + earliest <= seen.elapsed_s:
+            return fallback, False  # past the plan: no need for the finer quantile
+        planned = anchor + usable.quantile_spread(poll.learn_quantile, seen.start_spread)
+        planned -= seen.elapsed_s
+    if planned <= fallback:
+        return fallback, False
+    return planned, True
+
+
+def runtime_sample(seen: Observed, previous_check_s: float) -> float | None:
+    """A finished job's run time for the sketch: it finished between the previous check
+    and this one (take the middle) and started at 0 if never seen queued, else in the middle
+    of ``(queued_s, started_s]``: the same anchor :func:`next_check` plans from. None when
+    it was seen queued and then finished, never running: its run time is unknown."""
+    finished = (max(0.0, previous_check_s) + seen.elapsed_s) / 2
+    started = 0.0
+    if seen.queued_s > 0:
+        if seen.started_s is None or seen.started_s >= seen.elapsed_s:
+            return None
+        started = (seen.queued_s + seen.started_s) / 2
+    return max(0.05, finished - started)
+
+
+def found_early(seen: Observed, previous_check_s: float, poll: PollSettings) -> bool:
+    """Was a job found finished at a check the learned schedule pushed past the 10 % rule?
+    (The gap since the previous check is well over what the rule would have allowed.)"""
+    gap = seen.elapsed_s - max(0.0, previous_check_s)
+    if previous_check_s <= 0:
+        allowed = poll.initial_delay_s
+    else:
+        allowed = poll_interval(previous_check_s, poll, 0.0)
+    return gap > 1.25 * allowed + 0.5
+
+
+@dataclass(frozen=True)
+class ScheduleRun:
+    """What the schedule did for one job (:func:`follow_schedule`)."""
+
+    calls: int
+    delay_s: float
+    #: the run time the poll step would learn from it (None: unknown), and whether it was
+    #: found early
+    sample_s: float | None
+    early: bool
+
+
+def follow_schedule(
+    runtime_s: float,
+    queue_s: float,
+    sketch: Sketch | None,
+    poll: PollSettings,
+    jitter: Callable[[], float],
+) -> ScheduleRun:
+    """Follow the schedule exactly for a job that waits ``queue_s`` in upstream's queue and
+    then runs ``runtime_s``: its status calls, detection delay and learned sample. The same
+    functions the poll step calls, with no deadline and no errors (benchmarks, tests)."""
+    done_at = queue_s + runtime_s
+    countdown, _ = first_check(sketch, poll)
+    seen, previous = Observed(countdown), 0.0
+    for calls in range(1, 1_000_000):
+        status = "completed" if seen.elapsed_s >= done_at else "in_progress"
+        if seen.elapsed_s < queue_s:
+            status = "in_queue"
+        seen = seen.seen(status)
+        if status == "completed":
+            return ScheduleRun(
+                calls,
+                seen.elapsed_s - done_at,
+                runtime_sample(seen, previous),
+                found_early(seen, previous, poll),
+            )
+        job_status = JobStatus.IN_QUEUE if status == "in_queue" else JobStatus.IN_PROGRESS
+        countdown, _ = next_check(job_status, seen, sketch, poll, jitter())
+        previous = seen.elapsed_s
+        seen = Observed(seen.elapsed_s + countdown, seen.queued_s, seen.started_s)
+    raise RuntimeError("the schedule never reached the end of the job")
 
 
 def decide_poll(
@@ -147,13 +308,17 @@ def decide_poll(
     error_streak: int,
     poll: PollSettings,
     jitter: float,
+    seen: Observed | None = None,
+    sketch: Sketch | None = None,
 ) -> PollDecision:
     """Next step of the poll loop.
 
     ``status``: the job's status (in_queue or in_progress); ``answer``: upstream's status
     answer or the error the client raised; ``elapsed_s``: since upstream accepted the request;
     ``age_s``: since the job was created; ``error_streak``: consecutive failed checks before
-    this one.
+    this one; ``seen``: the checks so far, this one's answer included (:meth:`Observed.seen`;
+    default: only ``elapsed_s``); ``sketch``: learned run times of the job's kind, which
+    stretch the waits while it cannot have finished yet (:func:`next_check`).
 
     Upstream saying the request id does not exist or expired (UpstreamExpiredError) ends the
     job ``upstream_expired`` with upstream's message, before the deadline is even checked:
@@ -180,18 +345,21 @@ def decide_poll(
     remaining = max(0.5, deadline_s - age_s)
     if isinstance(answer, StatusResponse):
         new_status = JobStatus.IN_QUEUE if answer.status == "in_queue" else JobStatus.IN_PROGRESS
+        seen = seen or Observed(elapsed_s)
         if status == JobStatus.IN_PROGRESS and new_status == JobStatus.IN_QUEUE:
             # Upstream re-queued a started request: a job never goes backwards, so it stays
             # in_progress (and keeps being polled) until upstream moves on.
+            wait, learned = next_check(JobStatus.IN_QUEUE, seen, sketch, poll, jitter)
             return Reschedule(
-                countdown=min(remaining, poll_interval(elapsed_s, poll, jitter)),
-                reason="requeued_upstream",
+                countdown=min(remaining, wait), reason="requeued_upstream", learned=learned
             )
+        wait, learned = next_check(new_status, seen, sketch, poll, jitter)
         return Reschedule(
-            countdown=min(remaining, poll_interval(elapsed_s, poll, jitter)),
+            countdown=min(remaining, wait),
             reason=answer.status,
             status=new_status,
             queue_position=answer.queue_position if answer.status == "in_queue" else None,
+            learned=learned,
         )
     if isinstance(answer, PermanentUpstreamError):
         return Fail(

@@ -143,7 +143,7 @@ class Handoff:
         self._left_upstream(job, after)
         if parked:
             metrics.PARKED_WAITS.labels(task).inc()
-            log.info("%s parked for %.0fs (the reconciler sends it when due)", task, countdown)
+            log.debug("%s parked for %.0fs (the wake loop sends it when due)", task, countdown)
         else:
             self.send(task, job.id, seq, countdown)
         return after

@@ -23,7 +23,9 @@ from worker.jobs.state import (
     StoredJob,
     Unchanged,
     apply_change,
+    apply_check,
     expects_progress,
+    is_check_only,
     new_job,
     request_hash,
     utcnow,
@@ -54,6 +56,8 @@ class InMemoryJobStore:
         self.events: list[tuple[str, str]] = []
         self.idempotency: dict[str, tuple[str, str]] = {}
         self.counters: Counter[str] = Counter()
+        #: writes that took the check-only path (check.lua in the Redis store)
+        self.check_writes = 0
         self._lock = threading.Lock()
 
     def get(self, job_id: str) -> StoredJob | None:
@@ -104,13 +108,23 @@ class InMemoryJobStore:
     def update(
         self, job: StoredJob, change: JobChange, *, now: datetime | None = None
     ) -> StoredJob | None:
-        """Compare-and-set on ``version``; TransitionRefusedError as the Redis store."""
-        after = apply_change(job, change, now=now or utcnow())
+        """Compare-and-set on ``version``; TransitionRefusedError as the Redis store. A
+        check-only change (``is_check_only``) publishes no event, like ``check.lua``."""
+        check_only = is_check_only(job, change)
+        after = (
+            apply_check(job, change)
+            if check_only
+            else apply_change(job, change, now=now or utcnow())
+        )
         with self._lock:
             current = self.jobs.get(job.id)
             if current is None or current.version != job.version:
                 return None
-            self._write(after)
+            if check_only:
+                self.jobs[job.id] = after
+                self.check_writes += 1
+            else:
+                self._write(after)
             self._move_due(after, change)
             return after
 

@@ -15,7 +15,9 @@ final, webhook pending      the promised notify + grace
 ==========================  =========================================================
 
 Every ``RECONCILE_INTERVAL_S`` one worker fleet-wide (a Redis lock that expires after one
-interval, so a killed holder delays nothing) reads only the overdue jobs
+interval, so a killed holder delays nothing), and every ``RECONCILE_WAKE_S`` for the due
+index alone (parked waits: status checks more than a minute apart, webhook retries, are
+sent by this *wake* pass when due, so they run on time), reads only the overdue jobs
 (``ZRANGEBYSCORE … LIMIT``: O(due), never a scan) and does what the missing message would
 have done (:func:`decide`, a pure function):
 republish the promised message, resend a submit, fail a job past its deadline (cancelling
@@ -31,10 +33,11 @@ import enum
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 import redis
 
@@ -47,6 +50,7 @@ from worker.errors import ServiceError
 from worker.jobs.handoff import Handoff
 from worker.jobs.state import GENERATING, StoredJob, webhook_pending
 from worker.jobs.steps import Upstream
+from worker.jobs.store import script
 from worker.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,7 @@ _HOLDING: Final = frozenset(
 class Action(enum.StrEnum):
     """What the reconciler does for one overdue job."""
 
+    WAKE = "wake"  # a parked wait is due: send its message (normal operation)
     REPUBLISH = "republish"  # send the promised (or the status's) message again
     RESUBMIT = "resubmit"  # a submit that never ran, or whose worker died mid-POST
     FAIL_DEADLINE = "fail_deadline"  # past JOB_DEADLINE_S: fail (cancel upstream if queued)
@@ -114,6 +119,9 @@ def decide(
         return Plan(Action.RESUBMIT, "submit message never ran", TASK_SUBMIT, retry)
     if job.outbox is not None and job.outbox.seq == job.seq:
         overdue = now - job.outbox.due_at
+        if overdue < grace_s:
+            # only a parked wait is in the index before its grace: it was never published
+            return Plan(Action.WAKE, f"{job.outbox.task} parked wait due", job.outbox.task, retry)
         return Plan(
             Action.REPUBLISH, f"{job.outbox.task} overdue by {overdue:.0f}s", job.outbox.task, retry
         )
@@ -162,7 +170,19 @@ class Reconciler:
         self.batch = batch
 
     def run_pass(self, *, dry_run: bool = False) -> list[Reconciled]:
-        """Handle (or with ``dry_run`` only list) the overdue jobs, at most ``batch``."""
+        """Handle (or with ``dry_run`` only list) the overdue jobs, at most ``batch``; then
+        audit the RunComfy slots and admit waiting jobs."""
+        done = self.wake(dry_run=dry_run)
+        if not dry_run:
+            self._audit_slots()
+            admitted = self.handoff.admit_waiting()
+            if admitted:
+                metrics.RECONCILED.labels("admit").inc(len(admitted))
+        return done
+
+    def wake(self, *, dry_run: bool = False) -> list[Reconciled]:
+        """Handle the jobs due in the due index, at most ``batch``: parked waits that are
+        due, and overdue ones. O(due): a wake with nothing due is one ZRANGEBYSCORE."""
         now = self.store.now()
         done = []
         for job_id, due_at in self.store.due(now, self.batch):
@@ -178,11 +198,6 @@ class Reconciler:
             done.append(item)
             if not dry_run:
                 self._act(job_id, job, plan, now)
-        if not dry_run:
-            self._audit_slots()
-            admitted = self.handoff.admit_waiting()
-            if admitted:
-                metrics.RECONCILED.labels("admit").inc(len(admitted))
         return done
 
     def _audit_slots(self) -> None:
@@ -210,19 +225,23 @@ class Reconciler:
                 self.store.set_due(job_id, now + plan.look_again_in)
             if plan.action != Action.WAIT:
                 metrics.RECONCILED.labels(plan.action.value).inc()
-                log.warning("reconciled: %s (%s)", plan.action.value, plan.reason)
+                if plan.action == Action.WAKE:
+                    log.debug("woke: %s", plan.reason)
+                else:
+                    log.warning("reconciled: %s (%s)", plan.action.value, plan.reason)
 
     def _carry_out(self, job: StoredJob | None, plan: Plan) -> None:
         if job is None or plan.action in (Action.DROP, Action.WAIT):
             return
         if plan.action == Action.FAIL_DEADLINE:
-            if job.status == JobStatus.IN_QUEUE and job.record.request_id:
+            error = JobError(code=ErrorCode.DEADLINE_EXCEEDED, message=plan.reason)
+            failed = self.handoff.finish(job, JobStatus.FAILED, error)
+            # only the writer that failed the job cancels (its poll may race us here)
+            if failed is not None and job.status == JobStatus.IN_QUEUE and job.record.request_id:
                 try:
                     self._upstream().cancel(job.record.request_id)
-                except ServiceError as exc:  # best effort: the job fails either way
+                except ServiceError as exc:  # best effort: the job failed either way
                     log.warning("could not cancel upstream past the deadline: %s", exc)
-            error = JobError(code=ErrorCode.DEADLINE_EXCEEDED, message=plan.reason)
-            self.handoff.finish(job, JobStatus.FAILED, error)
             return
         if plan.action == Action.RESUME_WEBHOOK:
             self.handoff.handoff(job, TASK_NOTIFY, countdown=0)
@@ -236,21 +255,48 @@ class Reconciler:
         self.handoff.send(plan.task, job.id, job.seq, 0.0)
 
 
-class ReconcileLoop:
-    """Runs passes in a daemon thread: one pass per interval fleet-wide.
+class PassLock(Protocol):
+    """A fleet-wide pass lock: ``take(owner, hold_s)``, then ``release(owner, keep_s)``."""
 
-    Every worker looks a few times per interval; the first to take the lock (``SET NX`` with
-    the interval as its expiry, never renewed) runs a pass, and nobody can run the next one
-    until the lock expires. So passes come once per interval whoever runs them, and a holder
-    killed mid-pass delays the next one by at most an interval.
+    def take(self, owner: str, hold_s: float) -> bool:
+        """Take the lock for at most ``hold_s`` (a killed holder delays nobody for longer)."""
+        ...
+
+    def release(self, owner: str, keep_s: float) -> None:
+        """End the pass: keep the lock ``keep_s`` more (0: free it now), if still ours."""
+        ...
+
+
+class ReconcileLoop:
+    """Runs passes in a daemon thread: one full pass per interval fleet-wide, and one wake
+    pass per ``wake_s`` (the due index only: parked waits run on time).
+
+    Every worker looks a few times per period; the first to take a lock runs that pass. The
+    lock is held for the whole pass (up to :data:`MAX_PASS_S`, so a killed holder delays the
+    next pass by at most that) and then kept for what is left of the period: passes never
+    overlap (two passes would send the same due jobs twice), and come once per period
+    whoever runs them.
     """
 
-    #: Looks per interval (how late a pass can start after the lock expires: interval / this).
+    #: Looks per period (how late a pass can start after the lock expires: period / this).
     TICKS_PER_INTERVAL: Final = 4
+    #: Longest a pass may hold its lock; a holder killed mid-pass frees it after this.
+    MAX_PASS_S: Final = 30.0
 
-    def __init__(self, reconciler: Reconciler, lock: Callable[[str, float], bool]) -> None:
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        lock: PassLock,
+        *,
+        wake_s: float | None = None,
+        wake_lock: PassLock | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.reconciler = reconciler
         self._lock = lock
+        self.wake_s = wake_s
+        self._wake_lock = wake_lock
+        self._clock = clock
         self._owner = secrets.token_hex(8)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -267,19 +313,47 @@ class ReconcileLoop:
 
     def _run(self) -> None:
         interval = self.reconciler.interval_s
-        tick = max(0.05, interval / self.TICKS_PER_INTERVAL)
+        period = min(interval, self.wake_s or interval)
+        tick = max(0.05, period / self.TICKS_PER_INTERVAL)
         while not self._stop.wait(tick):
             try:
-                if self._lock(self._owner, interval):
-                    self.reconciler.run_pass()
+                if not self._pass(self._lock, interval, self.reconciler.run_pass):
+                    wake_lock, wake_s = self._wake_lock, self.wake_s
+                    if wake_lock is not None and wake_s is not None:
+                        self._pass(wake_lock, wake_s, self.reconciler.wake)
             except Exception:  # a pass failing (Redis down …) must not end the loop
-                log.exception("reconcile pass failed; next one in %.0fs", interval)
+                log.exception("reconcile pass failed; next one in %.1fs", tick)
+
+    def _pass(self, lock: PassLock, period_s: float, run: Callable[[], object]) -> bool:
+        """Run one pass under ``lock`` if it is free; whether it ran."""
+        started = self._clock()
+        if not lock.take(self._owner, max(period_s, self.MAX_PASS_S)):
+            return False
+        try:
+            run()
+        finally:
+            lock.release(self._owner, period_s - (self._clock() - started))
+        return True
 
 
-def redis_lock(client: redis.Redis) -> Callable[[str, float], bool]:
-    """The pass lock on ``rcw:reconcile:lock``: ``SET NX PX`` for one interval."""
+class RedisPassLock:
+    """A :class:`PassLock` on one Redis key: ``SET NX PX`` to take, ``scripts/unlock.lua``
+    to end the pass (``rcw:reconcile:lock``, or ``rcw:wake:lock`` for wake passes)."""
 
-    def lock(owner: str, ttl_s: float) -> bool:
-        return bool(client.set(RECONCILE_LOCK_KEY, owner, nx=True, px=max(1, int(ttl_s * 1000))))
+    def __init__(self, client: redis.Redis, key: str = RECONCILE_LOCK_KEY) -> None:
+        self.redis = client
+        self.key = key
+        self._unlock = client.register_script(script("unlock.lua"))
 
-    return lock
+    def take(self, owner: str, hold_s: float) -> bool:
+        """``SET NX PX``."""
+        return bool(self.redis.set(self.key, owner, nx=True, px=max(1, int(hold_s * 1000))))
+
+    def release(self, owner: str, keep_s: float) -> None:
+        """Keep it for ``keep_s`` more, or free it."""
+        self._unlock(keys=[self.key], args=[owner, int(keep_s * 1000)])
+
+
+def redis_lock(client: redis.Redis, key: str = RECONCILE_LOCK_KEY) -> RedisPassLock:
+    """The pass lock on ``key`` (``rcw:reconcile:lock`` by default)."""
+    return RedisPassLock(client, key)

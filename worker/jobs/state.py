@@ -137,6 +137,11 @@ class StoredJob:
     created_ts: float = 0.0
     #: when the job got a RunComfy slot after waiting for one (its deadline counts from then)
     admitted_ts: float = 0.0
+    #: status checks, on the store's clock (0: none yet): the last that saw it ``in_queue``,
+    #: the first that saw it running, and the latest (the learned schedule's inputs)
+    queued_ts: float = 0.0
+    started_ts: float = 0.0
+    checked_ts: float = 0.0
 
     @property
     def id(self) -> str:
@@ -178,6 +183,9 @@ class JobChange:
     attempt: Maybe[int] = UNCHANGED
     since: Maybe[float] = UNCHANGED
     admitted_at: Maybe[float] = UNCHANGED
+    queued_ts: Maybe[float] = UNCHANGED
+    started_ts: Maybe[float] = UNCHANGED
+    checked_ts: Maybe[float] = UNCHANGED
     error: Maybe[JobError | None] = UNCHANGED
     request_id: Maybe[str] = UNCHANGED
     submitted_at: Maybe[datetime] = UNCHANGED
@@ -213,6 +221,9 @@ _BOOKKEEPING: Final = {
     "attempt",
     "since",
     "admitted_at",
+    "queued_ts",
+    "started_ts",
+    "checked_ts",
 }
 assert set(_RECORD_FIELDS) | _BOOKKEEPING == {f.name for f in fields(JobChange)}
 
@@ -266,6 +277,51 @@ def apply_change(job: StoredJob, change: JobChange, *, now: datetime) -> StoredJ
         read_at=job.read_at,
         created_ts=job.created_ts,
         admitted_ts=_pick(change.admitted_at, job.admitted_ts),
+        queued_ts=_pick(change.queued_ts, job.queued_ts),
+        started_ts=_pick(change.started_ts, job.started_ts),
+        checked_ts=_pick(change.checked_ts, job.checked_ts),
+    )
+
+
+#: The fields a status check that changes nothing may write (:func:`apply_check`): the
+#: hand-off, the check marks and the call count; never the record itself.
+CHECK_FIELDS: Final = ("seq", "outbox", "due_in", "queued_ts", "started_ts", "checked_ts")
+
+
+def is_check_only(job: StoredJob, change: JobChange) -> bool:
+    """Does ``change`` only record one more status check of a job that did not change?
+    (status, queue position and every record field as they are, no error streak to
+    reset: the store can then skip rewriting the record.)"""
+    for f in fields(JobChange):
+        value = getattr(change, f.name)
+        if isinstance(value, Unchanged) or f.name in CHECK_FIELDS:
+            continue
+        if f.name == "status" and value == job.status:
+            continue
+        if f.name == "queue_position" and value == job.record.queue_position:
+            continue
+        if f.name == "status_calls" and value == job.record.status_calls + 1:
+            continue
+        if f.name == "attempt" and value == job.attempt == 0:
+            continue
+        return False
+    return not isinstance(change.status_calls, Unchanged)
+
+
+def apply_check(job: StoredJob, change: JobChange) -> StoredJob:
+    """The job after a check-only change (:func:`is_check_only`): version + 1, one more
+    status call, the hand-off and marks of ``change``; the record otherwise as it was (its
+    ``updated_at`` too: nothing about the job changed)."""
+    record = job.record.model_copy(update={"status_calls": job.record.status_calls + 1})
+    return replace(
+        job,
+        record=record,
+        version=job.version + 1,
+        seq=_pick(change.seq, job.seq),
+        outbox=_pick(change.outbox, job.outbox),
+        queued_ts=_pick(change.queued_ts, job.queued_ts),
+        started_ts=_pick(change.started_ts, job.started_ts),
+        checked_ts=_pick(change.checked_ts, job.checked_ts),
     )
 
 

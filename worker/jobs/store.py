@@ -19,6 +19,15 @@ Hash fields of ``rcw:job:<id>``:
 ``lease_owner``, ``lease_until``  while a submit is talking to upstream (empty otherwise)
 ``attempt``  retries of the current step; ``since`` when the current run of failures began
 ``rhash``    SHA-256 of the canonical request (idempotency comparisons)
+``queued_ts``, ``started_ts``, ``checked_ts``  status checks that saw it queued (last),
+             running (first), and the latest: the learned schedule's inputs
+``calls``    status checks recorded by ``check.lua`` since the record was last written
+             (added to record.status_calls on read)
+
+A status check that changes nothing about the job (same status, same queue position) is
+written by ``scripts/check.lua`` instead of ``update.lua``: the same compare-and-set on
+``version``, the hand-off (seq, outbox, due index) and the check marks, one ``HINCRBY`` of
+``calls``, but no record to encode, validate and rewrite and no event to publish.
 """
 
 from __future__ import annotations
@@ -49,7 +58,9 @@ from worker.jobs.state import (
     StoredJob,
     Unchanged,
     apply_change,
+    apply_check,
     expects_progress,
+    is_check_only,
     new_job,
     request_hash,
     utcnow,
@@ -167,6 +178,7 @@ class RedisJobStore:
         self._update = client.register_script(script("update.lua"))
         self._create = client.register_script(script("create.lua"))
         self._claim = client.register_script(script("claim.lua"))
+        self._check = client.register_script(script("check.lua"))
 
     # ---------------------------------------------------------------- reads
     def get(self, job_id: str) -> StoredJob | None:
@@ -219,6 +231,8 @@ class RedisJobStore:
         self, job: StoredJob, change: JobChange, *, now: datetime | None = None
     ) -> StoredJob | None:
         """Compare-and-set ``job`` to ``change`` applied (see :meth:`JobStore.update`)."""
+        if is_check_only(job, change):
+            return self._record_check(job, change)
         try:
             after = apply_change(job, change, now=now or utcnow())
         except TransitionRefusedError:
@@ -236,6 +250,29 @@ class RedisJobStore:
                 _due_arg(after, change),
                 str(self.deadline_s) if self.deadline_s and after.status in GENERATING else "",
                 *_flatten(encode_job(after)),
+            ],
+        )
+        return after if ok else None
+
+    def _record_check(self, job: StoredJob, change: JobChange) -> StoredJob | None:
+        """A status check that changed nothing: ``check.lua``, the record untouched."""
+        after = apply_check(job, change)
+        marks = {
+            "version": str(after.version),
+            "seq": str(after.seq),
+            "outbox": after.outbox.to_json() if after.outbox else "",
+            "queued_ts": repr(after.queued_ts),
+            "started_ts": repr(after.started_ts),
+            "checked_ts": repr(after.checked_ts),
+        }
+        ok = self._check(
+            keys=[job_key(job.id), DUE_KEY],
+            args=[
+                str(job.version),
+                job.id,
+                _due_arg(after, change),
+                str(self.deadline_s) if self.deadline_s and after.status in GENERATING else "",
+                *_flatten(marks),
             ],
         )
         return after if ok else None
@@ -319,14 +356,22 @@ def encode_job(job: StoredJob) -> dict[str, str]:
         "since": str(job.since),
         "rhash": job.rhash,
         "admitted_ts": str(job.admitted_ts),
+        "queued_ts": repr(job.queued_ts),
+        "started_ts": repr(job.started_ts),
+        "checked_ts": repr(job.checked_ts),
+        "calls": "0",  # the record holds them all again
     }
 
 
 def decode_job(f: Mapping[str, str], *, read_at: float = 0.0) -> StoredJob:
     """A job from its hash fields, read at ``read_at`` (Redis TIME)."""
     owner = f.get("lease_owner", "")
+    record = JobRecord.model_validate_json(f["record"])
+    calls = int(f.get("calls") or 0)
+    if calls:
+        record = record.model_copy(update={"status_calls": record.status_calls + calls})
     return StoredJob(
-        record=JobRecord.model_validate_json(f["record"]),
+        record=record,
         version=int(f["version"]),
         seq=int(f.get("seq") or 0),
         outbox=Outbox.from_json(f.get("outbox", "")),
@@ -337,6 +382,9 @@ def decode_job(f: Mapping[str, str], *, read_at: float = 0.0) -> StoredJob:
         read_at=read_at,
         created_ts=float(f.get("created_ts") or 0),
         admitted_ts=float(f.get("admitted_ts") or 0),
+        queued_ts=float(f.get("queued_ts") or 0),
+        started_ts=float(f.get("started_ts") or 0),
+        checked_ts=float(f.get("checked_ts") or 0),
     )
 
 

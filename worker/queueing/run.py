@@ -17,6 +17,7 @@ import redis
 from celery import signals
 
 from api_contracts.messages import ALL_QUEUES
+from worker.constants import WAKE_LOCK_KEY
 from worker.errors import ConfigError
 from worker.health import install_heartbeat
 from worker.jobs.handoff import Handoff, Publisher
@@ -106,7 +107,12 @@ def _connect_reconciler(app: ServiceCelery) -> None:
         if not _ours(app, sender):
             return
         rt = Runtime(app.settings)  # its own clients: the loop lives in the main process
-        loop = ReconcileLoop(make_reconciler(rt, make_publisher(app)), redis_lock(rt.redis))
+        loop = ReconcileLoop(
+            make_reconciler(rt, make_publisher(app)),
+            redis_lock(rt.redis),
+            wake_s=app.settings.reconcile.wake_s,
+            wake_lock=redis_lock(rt.redis, WAKE_LOCK_KEY),
+        )
         loops.append(loop)
         loop.start()
 

@@ -80,6 +80,7 @@ def step_context(rt: Runtime, publish: Publisher) -> StepContext:
         ),
         services=rt,
         unrecorded=rt.unrecorded_submits,
+        runtimes=rt.runtimes,
     )
 
 

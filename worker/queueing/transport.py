@@ -21,8 +21,9 @@ holding a prefetch slot for good and poisoning the next worker after the visibil
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from queue import Empty
 from typing import Any
 
@@ -64,6 +65,26 @@ class Channel(kombu_redis.Channel):
     #: The queue of the message whose consumer callback is running, else None
     #: (read by :func:`worker.queueing.consumer.delivery_queue`).
     delivering_queue: str | None = None
+
+    # ------------------------------------------------------------------ one client per pool
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu's, but reusing one client object per connection pool. kombu 5.7 builds a
+        new ``redis.Redis`` for every command it sends outside the event loop (the unacked
+        bookkeeping on delivery, each publish, each ack: three per status check), and
+        redis-py 8 rebuilds ~170 response callbacks in each constructor: 7-10 % of a
+        worker's CPU per check (``python -m bench.profile_poll``). A client object holds no
+        connection of its own (each command takes one from the pool), so sharing it across
+        threads is what redis-py intends; a new pool (after a reconnect) gets a new one."""
+        if client:
+            yield client
+            return
+        pool = self.pool
+        cached = self.__dict__.get("_shared_client")
+        if cached is None or cached.connection_pool is not pool:
+            cached = self._create_client()  # type: ignore[attr-defined]
+            self.__dict__["_shared_client"] = cached
+        yield cached
 
     # ------------------------------------------------------------------ surviving a restart
     def _connparams(self, asynchronous: bool = False) -> Any:

@@ -75,6 +75,13 @@ def _parse_rates(values: tuple[str, ...]) -> dict[str, float]:
 )
 @click.option("--run-s", type=click.FloatRange(min=0), default=_DEFAULTS.run_s, show_default=True)
 @click.option(
+    "--run-sigma",
+    type=click.FloatRange(min=0, max=3),
+    default=_DEFAULTS.run_sigma,
+    show_default=True,
+    help="Lognormal spread of run times around --run-s (its median); 0: all exactly --run-s.",
+)
+@click.option(
     "--capacity",
     type=click.IntRange(min=1),
     default=_DEFAULTS.capacity,
@@ -178,6 +185,7 @@ def emulator_command(
     token: str | None,
     queue_s: float,
     run_s: float,
+    run_sigma: float,
     capacity: int,
     images_per_set: int,
     video: bool,
@@ -201,6 +209,7 @@ def emulator_command(
             token=token or None,
             queue_s=queue_s,
             run_s=run_s,
+            run_sigma=run_sigma,
             capacity=capacity,
             images_per_set=images_per_set,
             video=video,

@@ -25,6 +25,13 @@ class EmulatorConfig(BaseModel):
     )
     queue_s: float = Field(default=0.5, ge=0, description="Minimum time a request is in_queue.")
     run_s: float = Field(default=3.0, ge=0, description="Time a request is in_progress.")
+    run_sigma: float = Field(
+        default=0.0,
+        ge=0,
+        le=3,
+        description="Spread of run times: each request runs run_s × exp(run_sigma × N(0,1)) "
+        "(lognormal, median run_s; seeded by seed). 0: exactly run_s.",
+    )
     capacity: int = Field(default=4, ge=1, description="Requests in_progress at once; rest queue.")
     images_per_set: int = Field(default=2, ge=1, le=4, description="Images when not force_single.")
     video: bool = Field(default=False, description="Also return video/videos (fake MP4).")

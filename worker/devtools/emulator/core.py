@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import math
+import random
 import threading
 import time
 import uuid
@@ -136,6 +137,7 @@ class Emulator:
         self._lock = threading.Lock()
         self._scheduler = Scheduler()
         self._plan = FaultPlan(config.faults, config.fault_rates, config.seed)
+        self._runtimes = random.Random(config.seed)
         self._calls: Counter[str] = Counter()
         self._by_request: dict[str, Counter[str]] = {
             "status": Counter(),
@@ -145,6 +147,12 @@ class Emulator:
         self._faults: Counter[str] = Counter()
         self._responses: Counter[str] = Counter()
         self._clear_account_state()
+
+    def _run_time(self, config: EmulatorConfig) -> float:
+        """How long a new request runs: run_s, spread lognormally by run_sigma."""
+        if config.run_sigma <= 0:
+            return config.run_s
+        return config.run_s * math.exp(config.run_sigma * self._runtimes.gauss(0.0, 1.0))
 
     def _clear_account_state(self) -> None:
         """Limits, balance and their counters, as at start (caller holds the lock or is init)."""
@@ -201,6 +209,21 @@ class Emulator:
                 "expired": self._expired,
             }
 
+    def timelines(self) -> dict[str, tuple[float, float | None, float | None]]:
+        """``request id -> (submitted, started, ended)`` on the emulator's clock (benchmarks
+        hold detections against it; None: not started or not ended yet)."""
+        with self._lock:
+            now = self._clock()
+            self._scheduler.advance(now, self._config.capacity)
+            return {
+                r.request_id: (r.submitted_at, r.started_at, r.ended_at)
+                for r in self._scheduler.all()
+            }
+
+    def now(self) -> float:
+        """The emulator's clock."""
+        return self._clock()
+
     def reset(self) -> None:
         """Forget every request and counter; back to the configuration it started with."""
         with self._lock:
@@ -209,6 +232,7 @@ class Emulator:
             self._plan = FaultPlan(
                 self._initial.faults, self._initial.fault_rates, self._initial.seed
             )
+            self._runtimes = random.Random(self._initial.seed)
             self._calls.clear()
             for counter in self._by_request.values():
                 counter.clear()
@@ -270,6 +294,7 @@ class Emulator:
                 self._plan.set_rates(new.fault_rates)
             if "seed" in changes:
                 self._plan.reseed(new.seed)
+                self._runtimes = random.Random(new.seed)
             if "balance" in changes:
                 self._balance = new.balance
             self._config = new
@@ -558,7 +583,7 @@ class Emulator:
             force_single=generation.force_single,
             submitted_at=now,
             queue_s=config.queue_s,
-            run_s=config.run_s,
+            run_s=self._run_time(config),
             images=images,
             videos=images if config.video else 0,
             min_bytes=config.output_min_bytes,

@@ -20,6 +20,7 @@ from api_contracts.jobs import ArchivedOutput, OutputKind
 from api_contracts.upstream import CancelResponse, ResultResponse, StatusResponse, SubmitResponse
 from worker.errors import PermanentUpstreamError, RetryableUpstreamError, UpstreamProtocolError
 from worker.jobs.handoff import Handoff
+from worker.jobs.runtimes import NoRuntimes, RuntimeBook
 from worker.jobs.store import JobStore
 from worker.services.webhooks import DeliveryResult
 from worker.settings import Settings
@@ -94,6 +95,8 @@ class StepContext:
     services: Services
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
+    #: learned run times (the status schedule's input); none: behave as on a cold start
+    runtimes: RuntimeBook = field(default_factory=NoRuntimes)
     #: job id -> upstream request id of POSTs this process made but could not record (Redis
     #: was away); the retried submit records it instead of POSTing again
     unrecorded: dict[str, str] = field(default_factory=dict)

@@ -1,6 +1,10 @@
 """``runcomfy.poll(job_id, seq)``: one status check, then reschedule, archive or finish.
 
-When to look again, and what an answer means, is :func:`worker.jobs.decisions.decide_poll`.
+When to look again, and what an answer means, is :func:`worker.jobs.decisions.decide_poll`;
+its inputs are the job's earlier checks (:class:`~worker.jobs.decisions.Observed`) and the
+run times learned from earlier jobs of its kind (:mod:`worker.jobs.runtimes`), which this
+step feeds with every job it sees finish. A check that changes nothing is a check-only
+write (``check.lua``), and logs nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from worker import metrics
 from worker.errors import ServiceError, UpstreamError
 from worker.jobs import decisions
 from worker.jobs.handoff import Outcome, StepResult
+from worker.jobs.runtimes import runtime_kind
 from worker.jobs.state import JobChange, StoredJob
 from worker.jobs.steps import StepContext, call_outcome
 from worker.logs import log_context
@@ -45,8 +50,19 @@ def poll(ctx: StepContext, msg: StepMessage) -> StepResult:
 
 def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError) -> StepResult:
     calls = job.record.status_calls + 1
-    submitted = job.record.submitted_at or job.record.created_at
-    elapsed = job.read_at - submitted.timestamp()
+    submitted = (job.record.submitted_at or job.record.created_at).timestamp()
+    elapsed = job.read_at - submitted
+    if job.outbox is not None and job.outbox.seq == job.seq and job.outbox.task == TASK_POLL:
+        metrics.CHECK_LATENESS.observe(max(0.0, job.read_at - job.outbox.due_at))
+    kind = _kind(ctx, job)
+    sketch = ctx.runtimes.sketch(kind) if kind is not None and ctx.settings.poll.learn else None
+    before = decisions.Observed(
+        elapsed,
+        queued_s=job.queued_ts - submitted if job.queued_ts else 0.0,
+        started_s=job.started_ts - submitted if job.started_ts else None,
+    )
+    seen = before.seen(answer.status) if isinstance(answer, StatusResponse) else before
+    previous_check = job.checked_ts - submitted if job.checked_ts else 0.0
     decision = decisions.decide_poll(
         status=job.status,
         answer=answer,
@@ -56,9 +72,17 @@ def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError
         error_streak=job.attempt,
         poll=ctx.settings.poll,
         jitter=ctx.rng.random(),
+        seen=seen,
+        sketch=sketch,
     )
+    marks = JobChange(checked_ts=job.read_at)
+    if seen.queued_s != before.queued_s:
+        marks = marks.but(queued_ts=submitted + seen.queued_s)
+    if seen.started_s is not None and before.started_s is None:
+        marks = marks.but(started_ts=submitted + seen.started_s)
     if isinstance(decision, decisions.Reschedule):
-        change = JobChange(
+        metrics.SCHEDULE_CHECKS.labels("learned" if decision.learned else "fallback").inc()
+        change = marks.but(
             status_calls=calls,
             attempt=0 if isinstance(answer, StatusResponse) else job.attempt + 1,
         )
@@ -68,6 +92,8 @@ def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError
                 metrics.STAGE_SECONDS.labels("upstream_queue").observe(elapsed)
         after = ctx.handoff.handoff(job, TASK_POLL, countdown=decision.countdown, change=change)
         return StepResult(Outcome.RESCHEDULED if after else Outcome.LOST_RACE, job.id)
+    if isinstance(decision, decisions.FetchResult) and kind is not None:
+        _learn(ctx, kind, seen, previous_check)
     metrics.STATUS_CALLS_PER_JOB.observe(calls)
     if isinstance(decision, decisions.FetchResult):
         metrics.STAGE_SECONDS.labels("generation").observe(elapsed)
@@ -89,11 +115,31 @@ def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError
         error = JobError(code=ErrorCode.UPSTREAM_CANCELLED, message=decision.message)
         ctx.handoff.finish(job, JobStatus.CANCELLED, error, final)
         return StepResult(Outcome.CANCELLED, job.id)
-    if isinstance(decision, decisions.CancelUpstreamAndFail):
-        _cancel_upstream_quietly(ctx, job)
     error = JobError(code=decision.code, message=decision.message)
-    ctx.handoff.finish(job, JobStatus.FAILED, error, final)
+    failed = ctx.handoff.finish(job, JobStatus.FAILED, error, final)
+    if failed is not None and isinstance(decision, decisions.CancelUpstreamAndFail):
+        # only the writer that failed the job cancels (the reconciler may race us here)
+        _cancel_upstream_quietly(ctx, job)
     return StepResult(Outcome.FAILED, job.id)
+
+
+def _kind(ctx: StepContext, job: StoredJob) -> str | None:
+    request = job.record.request
+    if request is None:
+        return None
+    return runtime_kind(ctx.settings.runcomfy.model_id, request.input)
+
+
+def _learn(ctx: StepContext, kind: str, seen: decisions.Observed, previous_check: float) -> None:
+    """Add this job's run time to its kind's sketch: best effort (the job goes on anyway)."""
+    sample = decisions.runtime_sample(seen, previous_check)
+    if sample is None:
+        return
+    early = decisions.found_early(seen, previous_check, ctx.settings.poll)
+    try:
+        ctx.runtimes.learn(kind, sample, early=early)
+    except Exception as exc:  # learning must never fail a finished generation
+        log.warning("could not record the run time (%.1fs): %s", sample, exc)
 
 
 def _cancel_upstream_quietly(ctx: StepContext, job: StoredJob) -> None:

@@ -18,6 +18,7 @@ from worker import metrics
 from worker.errors import RetryableUpstreamError, ServiceError
 from worker.jobs import decisions
 from worker.jobs.handoff import Outcome, StepResult
+from worker.jobs.runtimes import runtime_kind
 from worker.jobs.state import JobChange, Lease, StoredJob
 from worker.jobs.steps import StepContext, call_outcome
 from worker.logs import log_context
@@ -184,7 +185,7 @@ def _record(
             attempt=0,
             since=0.0,
         )
-        countdown = ctx.settings.poll.initial_delay_s
+        countdown = _first_check(ctx, claimed)
         after = ctx.handoff.handoff(claimed, TASK_POLL, countdown=countdown, change=recorded)
         for _ in range(RECORD_ATTEMPTS):
             if after is not None:
@@ -201,6 +202,18 @@ def _record(
         ctx.unrecorded.pop(job.id, None)
         log.info("submitted upstream")
     return StepResult(Outcome.SUBMITTED if after else Outcome.LOST_RACE, job.id)
+
+
+def _first_check(ctx: StepContext, job: StoredJob) -> float:
+    """When to look first: ``POLL_INITIAL_DELAY_S``, or later when earlier jobs of the kind
+    all took longer (:func:`worker.jobs.decisions.first_check`)."""
+    poll = ctx.settings.poll
+    request = job.record.request
+    if not poll.learn or request is None:
+        return poll.initial_delay_s
+    sketch = ctx.runtimes.sketch(runtime_kind(ctx.settings.runcomfy.model_id, request.input))
+    countdown, _ = decisions.first_check(sketch, poll)
+    return countdown
 
 
 def _still_ours(job: StoredJob | None, owner: str) -> bool:

@@ -183,7 +183,9 @@ def real_run(
 # ---------------------------------------------------------------------------- rows
 
 
-def _rows(label: str, how: str, result: dict[str, Any]) -> list[Row]:
+def _rows(label: str, how: str, result: dict[str, Any], *, held: bool = True) -> list[Row]:
+    """Calls and delay rows; ``held``: the ≤ 1/3 target applies (not to short generations,
+    where the rule's 1 s floor, not its 10 %, sets the calls)."""
     ours, rule = result["learned"], result["rule"]
     ratio = ours["calls_mean"] / rule["calls_mean"]
     within = ours["delay_of_bound_p95"] <= 1.0
@@ -193,8 +195,12 @@ def _rows(label: str, how: str, result: dict[str, Any]) -> list[Row]:
             ours["calls_mean"],
             "calls",
             baseline=rule["calls_mean"],
-            target="≤ 1/3 of the 10 % rule, p95 delay within bound",
-            passed=ratio <= TARGET_RATIO and within,
+            target=(
+                "≤ 1/3 of the 10 % rule, p95 delay within bound"
+                if held
+                else "report (the 1/3 target is for the 25 s median: full run)"
+            ),
+            passed=(ratio <= TARGET_RATIO and within) if held else None,
             note=(
                 "baseline = the 10 % rule (POLL_LEARN=false) on the same jobs; p95 delay/bound "
                 f"{ours['delay_of_bound_p95']:.2f} (rule {rule['delay_of_bound_p95']:.2f})"
@@ -227,7 +233,7 @@ def run(stack: Stack, quick: bool) -> list[Row]:
         jobs=100 if quick else 400,
         rate_per_s=16.0 if quick else 10.0,
     )
-    rows = _rows(f"lognormal median {median:g} s σ {SIGMA}", "real", real)
+    rows = _rows(f"lognormal median {median:g} s σ {SIGMA}", "real", real, held=not quick)
     for median_s in (25.0, 120.0, 600.0):
         label = f"lognormal median {_label(median_s)} σ {SIGMA}"
         rows += _rows(label, "simulated", simulate(median_s, 3000, 200, seed=int(median_s)))

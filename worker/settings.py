@@ -280,7 +280,7 @@ class PollSettings(_Section):
         description="Samples per window of the run-time sketch; the last 1-2 windows count.",
     )
     learn_quantile: float = Field(
-        default=0.05,
+        default=0.06,
         gt=0,
         lt=0.5,
         description="The learned schedule's first check comes when this share of earlier "

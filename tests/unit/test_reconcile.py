@@ -3,6 +3,7 @@ recording publisher and a fixed clock."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from datetime import UTC, datetime
@@ -75,11 +76,11 @@ RETRY = OUTBOX_GRACE_S + INTERVAL
         # waits are in the index then) is woken; a lost one (past the grace) is republished
         (job(S.SUBMITTING, outbox=(TASK_SUBMIT, 3, -5)), Action.WAKE, TASK_SUBMIT, RETRY),
         (job(S.IN_PROGRESS, outbox=(TASK_POLL, 3, -0.2)), Action.WAKE, TASK_POLL, RETRY),
-        (job(S.SUBMITTING, outbox=(TASK_SUBMIT, 3, -40)), Action.REPUBLISH, TASK_SUBMIT, RETRY),
-        # a lost poll, archive
-        (job(S.IN_QUEUE, outbox=(TASK_POLL, 3, -40)), Action.REPUBLISH, TASK_POLL, RETRY),
-        (job(S.IN_PROGRESS, outbox=(TASK_POLL, 3, -40)), Action.REPUBLISH, TASK_POLL, RETRY),
-        (job(S.ARCHIVING, outbox=(TASK_ARCHIVE, 3, -40)), Action.REPUBLISH, TASK_ARCHIVE, RETRY),
+        (job(S.SUBMITTING, outbox=(TASK_SUBMIT, 3, -40)), Action.REPUBLISH, TASK_SUBMIT, 40.0),
+        # a lost poll, archive: looked at again after as long as it is overdue (≥ RETRY)
+        (job(S.IN_QUEUE, outbox=(TASK_POLL, 3, -20)), Action.REPUBLISH, TASK_POLL, RETRY),
+        (job(S.IN_PROGRESS, outbox=(TASK_POLL, 3, -40)), Action.REPUBLISH, TASK_POLL, 40.0),
+        (job(S.ARCHIVING, outbox=(TASK_ARCHIVE, 3, -400)), Action.REPUBLISH, TASK_ARCHIVE, 400.0),
         # an outbox of an older seq: nothing is promised for this seq, hand off afresh
         (job(S.IN_QUEUE, outbox=(TASK_POLL, 2, -40)), Action.REPUBLISH, TASK_POLL, None),
         # past the deadline while generating
@@ -96,7 +97,7 @@ RETRY = OUTBOX_GRACE_S + INTERVAL
             job(S.ARCHIVING, age=DEADLINE + 1, outbox=(TASK_ARCHIVE, 3, -40)),
             Action.REPUBLISH,
             TASK_ARCHIVE,
-            RETRY,
+            40.0,
         ),
         # final jobs: a webhook owed is resumed, anything else leaves the index
         (job(S.SUCCEEDED), Action.DROP, None, None),
@@ -105,7 +106,7 @@ RETRY = OUTBOX_GRACE_S + INTERVAL
             job(S.SUCCEEDED, webhook=WebhookState.PENDING, outbox=(TASK_NOTIFY, 3, -400)),
             Action.REPUBLISH,
             TASK_NOTIFY,
-            RETRY,
+            400.0,
         ),
         (
             job(S.CANCELLED, webhook=WebhookState.PENDING),
@@ -346,3 +347,20 @@ def test_a_long_wake_pass_is_never_overlapped_by_the_next() -> None:
         loop.stop()
     time.sleep(0.2)
     assert len(overlaps) >= 2 and max(overlaps) == 1
+
+
+def test_a_message_stuck_behind_a_backlog_is_republished_ever_more_rarely(w: World) -> None:
+    job, _ = w.store.create_if_absent("j1", REQ)
+    for status in (S.SUBMITTING, S.IN_PROGRESS):
+        job = w.store.update(job, JobChange(status=status)) or job
+    w.handoff.publish = lambda *a: None  # sent, but it never runs (a backlog, or lost)
+    assert w.handoff.handoff(job, TASK_POLL, countdown=1) is not None
+    w.handoff.publish = w.rec
+    republished_at = []
+    for _ in range(600):  # ten minutes, a pass a second
+        w.clock.advance(1)
+        if w.reconciler.wake():
+            republished_at.append(w.clock.now)
+    gaps = [b - a for a, b in itertools.pairwise(republished_at)]
+    assert len(republished_at) <= 5  # not one every 30 s (20 of them)
+    assert all(later >= earlier for earlier, later in itertools.pairwise(gaps))

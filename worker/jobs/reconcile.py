@@ -105,7 +105,8 @@ def decide(
         if not webhook_pending(job) or job.record.request is None:
             return Plan(Action.DROP, f"{job.status.value}, nothing owed")
         if job.outbox is not None and job.outbox.task == TASK_NOTIFY:
-            return Plan(Action.REPUBLISH, "webhook retry never ran", TASK_NOTIFY, retry)
+            again = backed_off(retry, now - job.outbox.due_at)
+            return Plan(Action.REPUBLISH, "webhook retry never ran", TASK_NOTIFY, again)
         return Plan(Action.RESUME_WEBHOOK, "final, webhook never sent", TASK_NOTIFY, retry)
     age = now - job.born_at
     lease_live = job.lease is not None and job.lease.until > now
@@ -123,11 +124,23 @@ def decide(
             # only a parked wait is in the index before its grace: it was never published
             return Plan(Action.WAKE, f"{job.outbox.task} parked wait due", job.outbox.task, retry)
         return Plan(
-            Action.REPUBLISH, f"{job.outbox.task} overdue by {overdue:.0f}s", job.outbox.task, retry
+            Action.REPUBLISH,
+            f"{job.outbox.task} overdue by {overdue:.0f}s",
+            job.outbox.task,
+            backed_off(retry, overdue),
         )
     return Plan(
         Action.REPUBLISH, f"{job.status.value} with nothing promised", _STEP_FOR_STATUS[job.status]
     )
+
+
+def backed_off(retry_s: float, overdue_s: float) -> float:
+    """When to look again after republishing a message overdue by ``overdue_s``: at least
+    ``retry_s``, and as long again as it is already overdue. A message that is not lost but
+    stuck behind a backlog (workers saturated) is then republished after 30 s, 60 s, 2 min,
+    4 min …: O(log) copies of it, not one more every interval, which would feed the backlog
+    that delays it."""
+    return max(retry_s, overdue_s)
 
 
 @dataclass(frozen=True)

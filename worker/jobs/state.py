@@ -268,8 +268,6 @@ def apply_change(job: StoredJob, change: JobChange, *, now: datetime) -> StoredJ
     return StoredJob(
         record=record,
         version=job.version + 1,
-        seq=_pick(change.seq, job.seq),
-        outbox=_pick(change.outbox, job.outbox),
         lease=_pick(change.lease, job.lease),
         attempt=_pick(change.attempt, job.attempt),
         since=_pick(change.since, job.since),
@@ -277,10 +275,19 @@ def apply_change(job: StoredJob, change: JobChange, *, now: datetime) -> StoredJ
         read_at=job.read_at,
         created_ts=job.created_ts,
         admitted_ts=_pick(change.admitted_at, job.admitted_ts),
-        queued_ts=_pick(change.queued_ts, job.queued_ts),
-        started_ts=_pick(change.started_ts, job.started_ts),
-        checked_ts=_pick(change.checked_ts, job.checked_ts),
+        **_check_marks(job, change),
     )
+
+
+def _check_marks(job: StoredJob, change: JobChange) -> dict[str, Any]:
+    """The hand-off and check marks of ``job`` after ``change`` (both kinds of write)."""
+    return {
+        "seq": _pick(change.seq, job.seq),
+        "outbox": _pick(change.outbox, job.outbox),
+        "queued_ts": _pick(change.queued_ts, job.queued_ts),
+        "started_ts": _pick(change.started_ts, job.started_ts),
+        "checked_ts": _pick(change.checked_ts, job.checked_ts),
+    }
 
 
 #: The fields a status check that changes nothing may write (:func:`apply_check`): the
@@ -313,16 +320,7 @@ def apply_check(job: StoredJob, change: JobChange) -> StoredJob:
     status call, the hand-off and marks of ``change``; the record otherwise as it was (its
     ``updated_at`` too: nothing about the job changed)."""
     record = job.record.model_copy(update={"status_calls": job.record.status_calls + 1})
-    return replace(
-        job,
-        record=record,
-        version=job.version + 1,
-        seq=_pick(change.seq, job.seq),
-        outbox=_pick(change.outbox, job.outbox),
-        queued_ts=_pick(change.queued_ts, job.queued_ts),
-        started_ts=_pick(change.started_ts, job.started_ts),
-        checked_ts=_pick(change.checked_ts, job.checked_ts),
-    )
+    return replace(job, record=record, version=job.version + 1, **_check_marks(job, change))
 
 
 def new_job(

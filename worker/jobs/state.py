@@ -225,7 +225,9 @@ _BOOKKEEPING: Final = {
     "started_ts",
     "checked_ts",
 }
-assert set(_RECORD_FIELDS) | _BOOKKEEPING == {f.name for f in fields(JobChange)}
+#: JobChange's field names, once (is_check_only runs on every write).
+_CHANGE_FIELDS: Final = tuple(f.name for f in fields(JobChange))
+assert set(_RECORD_FIELDS) | _BOOKKEEPING == set(_CHANGE_FIELDS)
 
 
 #: Statuses in which the job deadline (JOB_DEADLINE_S) applies: upstream has not finished.
@@ -299,17 +301,17 @@ def is_check_only(job: StoredJob, change: JobChange) -> bool:
     """Does ``change`` only record one more status check of a job that did not change?
     (status, queue position and every record field as they are, no error streak to
     reset: the store can then skip rewriting the record.)"""
-    for f in fields(JobChange):
-        value = getattr(change, f.name)
-        if isinstance(value, Unchanged) or f.name in CHECK_FIELDS:
+    for name in _CHANGE_FIELDS:
+        value = getattr(change, name)
+        if isinstance(value, Unchanged) or name in CHECK_FIELDS:
             continue
-        if f.name == "status" and value == job.status:
+        if name == "status" and value == job.status:
             continue
-        if f.name == "queue_position" and value == job.record.queue_position:
+        if name == "queue_position" and value == job.record.queue_position:
             continue
-        if f.name == "status_calls" and value == job.record.status_calls + 1:
+        if name == "status_calls" and value == job.record.status_calls + 1:
             continue
-        if f.name == "attempt" and value == job.attempt == 0:
+        if name == "attempt" and value == job.attempt == 0:
             continue
         return False
     return not isinstance(change.status_calls, Unchanged)

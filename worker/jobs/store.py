@@ -257,14 +257,7 @@ class RedisJobStore:
     def _record_check(self, job: StoredJob, change: JobChange) -> StoredJob | None:
         """A status check that changed nothing: ``check.lua``, the record untouched."""
         after = apply_check(job, change)
-        marks = {
-            "version": str(after.version),
-            "seq": str(after.seq),
-            "outbox": after.outbox.to_json() if after.outbox else "",
-            "queued_ts": repr(after.queued_ts),
-            "started_ts": repr(after.started_ts),
-            "checked_ts": repr(after.checked_ts),
-        }
+        marks = {"version": str(after.version), **_check_marks(after)}
         ok = self._check(
             keys=[job_key(job.id), DUE_KEY],
             args=[
@@ -348,18 +341,25 @@ def encode_job(job: StoredJob) -> dict[str, str]:
         "record": job.record.model_dump_json(),
         "status": job.status.value,
         "version": str(job.version),
-        "seq": str(job.seq),
-        "outbox": job.outbox.to_json() if job.outbox else "",
+        **_check_marks(job),
         "lease_owner": job.lease.owner if job.lease else "",
         "lease_until": str(job.lease.until) if job.lease else "",
         "attempt": str(job.attempt),
         "since": str(job.since),
         "rhash": job.rhash,
         "admitted_ts": str(job.admitted_ts),
+        "calls": "0",  # the record holds them all again
+    }
+
+
+def _check_marks(job: StoredJob) -> dict[str, str]:
+    """The hand-off and check-mark fields: what a full write and ``check.lua`` both set."""
+    return {
+        "seq": str(job.seq),
+        "outbox": job.outbox.to_json() if job.outbox else "",
         "queued_ts": repr(job.queued_ts),
         "started_ts": repr(job.started_ts),
         "checked_ts": repr(job.checked_ts),
-        "calls": "0",  # the record holds them all again
     }
 
 

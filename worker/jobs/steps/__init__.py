@@ -20,7 +20,8 @@ from api_contracts.jobs import ArchivedOutput, OutputKind
 from api_contracts.upstream import CancelResponse, ResultResponse, StatusResponse, SubmitResponse
 from worker.errors import PermanentUpstreamError, RetryableUpstreamError, UpstreamProtocolError
 from worker.jobs.handoff import Handoff
-from worker.jobs.runtimes import NoRuntimes, RuntimeBook
+from worker.jobs.runtimes import NoRuntimes, RuntimeBook, Sketch, runtime_kind
+from worker.jobs.state import StoredJob
 from worker.jobs.store import JobStore
 from worker.services.webhooks import DeliveryResult
 from worker.settings import Settings
@@ -115,6 +116,16 @@ class StepContext:
     def webhooks(self) -> WebhookDeliverer:
         """Webhook deliveries."""
         return self.services.webhooks
+
+
+def learned_runtimes(ctx: StepContext, job: StoredJob) -> tuple[str | None, Sketch | None]:
+    """The job's run-time kind (None without a parsed request) and what is learned of it
+    (None when learning is off or nothing is known)."""
+    request = job.record.request
+    if request is None:
+        return None, None
+    kind = runtime_kind(ctx.settings.runcomfy.model_id, request.input)
+    return kind, ctx.runtimes.sketch(kind) if ctx.settings.poll.learn else None
 
 
 def call_outcome(exc: BaseException) -> str:

@@ -19,9 +19,8 @@ from worker import metrics
 from worker.errors import ServiceError, UpstreamError
 from worker.jobs import decisions
 from worker.jobs.handoff import Outcome, StepResult
-from worker.jobs.runtimes import runtime_kind
 from worker.jobs.state import JobChange, StoredJob
-from worker.jobs.steps import StepContext, call_outcome
+from worker.jobs.steps import StepContext, call_outcome, learned_runtimes
 from worker.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -54,8 +53,7 @@ def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError
     elapsed = job.read_at - submitted
     if job.outbox is not None and job.outbox.seq == job.seq and job.outbox.task == TASK_POLL:
         metrics.CHECK_LATENESS.observe(max(0.0, job.read_at - job.outbox.due_at))
-    kind = _kind(ctx, job)
-    sketch = ctx.runtimes.sketch(kind) if kind is not None and ctx.settings.poll.learn else None
+    kind, sketch = learned_runtimes(ctx, job)
     before = decisions.Observed(
         elapsed,
         queued_s=job.queued_ts - submitted if job.queued_ts else 0.0,
@@ -121,13 +119,6 @@ def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError
         # only the writer that failed the job cancels (the reconciler may race us here)
         _cancel_upstream_quietly(ctx, job)
     return StepResult(Outcome.FAILED, job.id)
-
-
-def _kind(ctx: StepContext, job: StoredJob) -> str | None:
-    request = job.record.request
-    if request is None:
-        return None
-    return runtime_kind(ctx.settings.runcomfy.model_id, request.input)
 
 
 def _learn(ctx: StepContext, kind: str, seen: decisions.Observed, previous_check: float) -> None:

@@ -18,9 +18,8 @@ from worker import metrics
 from worker.errors import RetryableUpstreamError, ServiceError
 from worker.jobs import decisions
 from worker.jobs.handoff import Outcome, StepResult
-from worker.jobs.runtimes import runtime_kind
 from worker.jobs.state import JobChange, Lease, StoredJob
-from worker.jobs.steps import StepContext, call_outcome
+from worker.jobs.steps import StepContext, call_outcome, learned_runtimes
 from worker.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -207,12 +206,8 @@ def _record(
 def _first_check(ctx: StepContext, job: StoredJob) -> float:
     """When to look first: ``POLL_INITIAL_DELAY_S``, or later when earlier jobs of the kind
     all took longer (:func:`worker.jobs.decisions.first_check`)."""
-    poll = ctx.settings.poll
-    request = job.record.request
-    if not poll.learn or request is None:
-        return poll.initial_delay_s
-    sketch = ctx.runtimes.sketch(runtime_kind(ctx.settings.runcomfy.model_id, request.input))
-    countdown, _ = decisions.first_check(sketch, poll)
+    _, sketch = learned_runtimes(ctx, job)
+    countdown, _ = decisions.first_check(sketch, ctx.settings.poll)
     return countdown
 
 

@@ -364,21 +364,3 @@ def test_a_message_stuck_behind_a_backlog_is_republished_ever_more_rarely(w: Wor
     gaps = [b - a for a, b in itertools.pairwise(republished_at)]
     assert len(republished_at) <= 5  # not one every 30 s (20 of them)
     assert all(later >= earlier for earlier, later in itertools.pairwise(gaps))
-
-
-def test_an_overdue_message_behind_a_queue_backlog_is_not_copied(w: World) -> None:
-    queued = [150]
-    w.reconciler._backlog = lambda task: queued[0]
-    job, _ = w.store.create_if_absent("j1", REQ)
-    for status in (S.SUBMITTING, S.IN_PROGRESS):
-        job = w.store.update(job, JobChange(status=status)) or job
-    after = w.handoff.handoff(job, TASK_POLL, countdown=1)
-    assert after is not None
-    w.rec.sent.clear()
-    w.clock.advance(1 + OUTBOX_GRACE_S)
-    [done] = w.reconciler.wake()
-    assert done.plan.action == Action.REPUBLISH and w.sent() == []  # backlog: late, not lost
-    queued[0] = 0  # drained, and it never ran: it was lost after all
-    w.clock.advance(RETRY)
-    [done] = w.reconciler.wake()
-    assert w.sent() == [(TASK_POLL, ["j1", after.seq])]

@@ -83,11 +83,6 @@ class Action(enum.StrEnum):
     DROP = "drop"  # nothing is expected of it any more (expired, or done)
 
 
-#: A queue holding this many ready messages has a backlog: workers are behind, so an
-#: overdue message of it is late rather than lost, and is not republished yet.
-BACKLOG_MESSAGES: Final = 100
-
-
 @dataclass(frozen=True)
 class Plan:
     """The decision for one job: what to do, why, and when to look again if it is still
@@ -179,7 +174,6 @@ class Reconciler:
         deadline_s: float,
         interval_s: float,
         batch: int,
-        backlog: Callable[[str], int] | None = None,
     ) -> None:
         self.handoff = handoff
         self.store = handoff.store
@@ -187,9 +181,6 @@ class Reconciler:
         self.deadline_s = deadline_s
         self.interval_s = interval_s
         self.batch = batch
-        #: task name -> messages waiting in its broker queue (None: never look)
-        self._backlog = backlog
-        self._backlogged: dict[str, bool] = {}
 
     def run_pass(self, *, dry_run: bool = False) -> list[Reconciled]:
         """Handle (or with ``dry_run`` only list) the overdue jobs, at most ``batch``; then
@@ -207,7 +198,6 @@ class Reconciler:
         due, and overdue ones. O(due): a wake with nothing due is one ZRANGEBYSCORE."""
         now = self.store.now()
         done = []
-        self._backlogged = {}  # read once per pass, per queue
         for job_id, due_at in self.store.due(now, self.batch):
             job = self.store.get(job_id)
             plan = decide(
@@ -274,21 +264,8 @@ class Reconciler:
             # nothing promised for this seq: hand off afresh (a compare-and-set)
             self.handoff.handoff(job, plan.task, countdown=0)
             return
-        if plan.action == Action.REPUBLISH and self._queue_backlogged(plan.task):
-            # Its queue has a backlog: the message is most likely waiting in it, late, not
-            # lost. A copy would only lengthen the backlog; look again later (backed off).
-            metrics.RECONCILED.labels("republish_deferred").inc()
-            log.info("%s overdue behind a queue backlog; not republished yet", plan.task)
-            return
         # the current message again: a duplicate of a live one is harmless (seq protocol)
         self.handoff.send(plan.task, job.id, job.seq, 0.0)
-
-    def _queue_backlogged(self, task: str) -> bool:
-        if self._backlog is None:
-            return False
-        if task not in self._backlogged:
-            self._backlogged[task] = self._backlog(task) >= BACKLOG_MESSAGES
-        return self._backlogged[task]
 
 
 class PassLock(Protocol):

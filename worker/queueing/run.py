@@ -16,7 +16,7 @@ import click
 import redis
 from celery import signals
 
-from api_contracts.messages import ALL_QUEUES, QUEUE_FOR_TASK
+from api_contracts.messages import ALL_QUEUES
 from worker.constants import WAKE_LOCK_KEY
 from worker.errors import ConfigError
 from worker.health import install_heartbeat
@@ -96,7 +96,6 @@ def make_reconciler(rt: Runtime, publish: Publisher) -> Reconciler:
         deadline_s=settings.job.deadline_s,
         interval_s=settings.reconcile.interval_s,
         batch=settings.reconcile.batch,
-        backlog=lambda task: int(rt.redis.llen(QUEUE_FOR_TASK[task])),
     )
 
 

@@ -77,6 +77,9 @@ RETRY = OUTBOX_GRACE_S + INTERVAL
         (job(S.SUBMITTING, outbox=(TASK_SUBMIT, 3, -5)), Action.WAKE, TASK_SUBMIT, RETRY),
         (job(S.IN_PROGRESS, outbox=(TASK_POLL, 3, -0.2)), Action.WAKE, TASK_POLL, RETRY),
         (job(S.SUBMITTING, outbox=(TASK_SUBMIT, 3, -40)), Action.REPUBLISH, TASK_SUBMIT, 40.0),
+        # in the index before its promise is due (an older due time a race left there):
+        # nothing is sent, it is looked at again when the promise falls due
+        (job(S.IN_PROGRESS, outbox=(TASK_POLL, 3, 870)), Action.WAIT, None, 870.0),
         # a lost poll, archive: looked at again after as long as it is overdue (≥ RETRY)
         (job(S.IN_QUEUE, outbox=(TASK_POLL, 3, -20)), Action.REPUBLISH, TASK_POLL, RETRY),
         (job(S.IN_PROGRESS, outbox=(TASK_POLL, 3, -40)), Action.REPUBLISH, TASK_POLL, 40.0),
@@ -253,6 +256,34 @@ def test_a_parked_status_check_is_woken_when_due_and_not_before(w: World) -> Non
     assert w.store.due_at["j1"] == pytest.approx(w.clock.now + RETRY)
 
 
+def test_a_woken_check_that_ran_at_once_keeps_its_own_next_due_time(w: World) -> None:
+    """The wake pass writes when to look again before it sends: the poll the message runs
+    then plans the next check (15 min on), and that plan is what stays in the index."""
+    job, _ = w.store.create_if_absent("j1", REQ)
+    for status in (S.SUBMITTING, S.IN_PROGRESS):
+        job = w.store.update(job, JobChange(status=status)) or job
+    assert w.handoff.handoff(job, TASK_POLL, countdown=300) is not None
+    w.clock.advance(300)
+
+    class RunsAtOnce(Recorder):
+        """A worker that picks the message up before the pass's next line."""
+
+        def __call__(
+            self, task: str, args: list[Any], kwargs: dict[str, Any], countdown: float
+        ) -> None:
+            super().__call__(task, args, kwargs, countdown)
+            fresh = w.store.get("j1")
+            if fresh is not None and countdown == 0:
+                w.handoff.handoff(fresh, TASK_POLL, countdown=900)
+
+    w.handoff.publish = w.rec = RunsAtOnce()
+    [done] = w.reconciler.wake()
+    assert done.plan.action == Action.WAKE
+    assert w.store.due_at["j1"] == pytest.approx(w.clock.now + 900)
+    w.clock.advance(RETRY + 1)
+    assert w.reconciler.wake() == []  # nothing due: no second check 30 s later
+
+
 def test_the_loop_wakes_every_wake_period_and_runs_full_passes_per_interval() -> None:
     class FakeReconciler:
         interval_s = 0.4
@@ -260,7 +291,8 @@ def test_the_loop_wakes_every_wake_period_and_runs_full_passes_per_interval() ->
         def __init__(self) -> None:
             self.passes = self.wakes = 0
 
-        def run_pass(self) -> None:
+        def run_pass(self, *, wake: bool = True) -> None:
+            assert not wake  # the due index is the wake passes' alone
             self.passes += 1
 
         def wake(self) -> None:

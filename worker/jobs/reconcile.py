@@ -120,6 +120,10 @@ def decide(
         return Plan(Action.RESUBMIT, "submit message never ran", TASK_SUBMIT, retry)
     if job.outbox is not None and job.outbox.seq == job.seq:
         overdue = now - job.outbox.due_at
+        if overdue < 0:
+            # its index entry was older than its promise (a race with the step that made
+            # it): look again when the promise falls due
+            return Plan(Action.WAIT, f"{job.outbox.task} not due yet", None, -overdue)
         if overdue < grace_s:
             # only a parked wait is in the index before its grace: it was never published
             return Plan(Action.WAKE, f"{job.outbox.task} parked wait due", job.outbox.task, retry)
@@ -182,10 +186,11 @@ class Reconciler:
         self.interval_s = interval_s
         self.batch = batch
 
-    def run_pass(self, *, dry_run: bool = False) -> list[Reconciled]:
+    def run_pass(self, *, dry_run: bool = False, wake: bool = True) -> list[Reconciled]:
         """Handle (or with ``dry_run`` only list) the overdue jobs, at most ``batch``; then
-        audit the RunComfy slots and admit waiting jobs."""
-        done = self.wake(dry_run=dry_run)
+        audit the RunComfy slots and admit waiting jobs. ``wake=False``: leave the due index
+        to the wake passes (a loop that runs them under their own lock)."""
+        done = self.wake(dry_run=dry_run) if wake else []
         if not dry_run:
             self._audit_slots()
             admitted = self.handoff.admit_waiting()
@@ -226,16 +231,19 @@ class Reconciler:
 
     def _act(self, job_id: str, job: StoredJob | None, plan: Plan, now: float) -> None:
         with log_context(job_id=job_id, task="reconcile"):
+            # When to look again is written *before* the message goes: the step it runs then
+            # writes its own next due time, which a later write here would overwrite (a
+            # check planned 15 min on would come back after 30 s).
+            if plan.action == Action.DROP:
+                self.store.set_due(job_id, None)
+            elif plan.look_again_in is not None:
+                self.store.set_due(job_id, now + plan.look_again_in)
             try:
                 self._carry_out(job, plan)
             except ServiceError as exc:
                 log.warning("reconcile %s failed: %s", plan.action.value, exc)
                 self.store.set_due(job_id, now + self.handoff.grace_s + self.interval_s)
                 return
-            if plan.action == Action.DROP:
-                self.store.set_due(job_id, None)
-            elif plan.look_again_in is not None:
-                self.store.set_due(job_id, now + plan.look_again_in)
             if plan.action != Action.WAIT:
                 metrics.RECONCILED.labels(plan.action.value).inc()
                 if plan.action == Action.WAKE:
@@ -330,10 +338,14 @@ class ReconcileLoop:
         tick = max(0.05, period / self.TICKS_PER_INTERVAL)
         while not self._stop.wait(tick):
             try:
-                if not self._pass(self._lock, interval, self.reconciler.run_pass):
-                    wake_lock, wake_s = self._wake_lock, self.wake_s
-                    if wake_lock is not None and wake_s is not None:
-                        self._pass(wake_lock, wake_s, self.reconciler.wake)
+                wake_lock, wake_s = self._wake_lock, self.wake_s
+                if wake_lock is None or wake_s is None:
+                    self._pass(self._lock, interval, self.reconciler.run_pass)
+                    continue
+                # The due index is only ever read under the wake lock: a full pass and a
+                # wake pass on two workers would send the same due jobs twice.
+                self._pass(self._lock, interval, lambda: self.reconciler.run_pass(wake=False))
+                self._pass(wake_lock, wake_s, self.reconciler.wake)
             except Exception:  # a pass failing (Redis down …) must not end the loop
                 log.exception("reconcile pass failed; next one in %.1fs", tick)
 

@@ -1,4 +1,5 @@
-"""``python -m bench.profile_poll [--checks N]``: where the CPU of one status check goes.
+"""``python -m bench.profile_poll [--checks N] [--job]``: where the CPU of one status check
+(or, with ``--job``, of one whole job) goes.
 
 Starts the stack bench/common.py uses (Redis, moto S3, the RunComfy emulator), then one
 service worker (``python -m worker worker``) with ``-P solo``, so every task runs on the main
@@ -19,6 +20,14 @@ Three windows on the same worker, switched by signals (start-up is never measure
 
 By package, ``own`` counts the functions in the package's files; ``charged`` also counts the
 standard-library and C functions they call (charged to the nearest package caller).
+
+``--job``: the same three windows over whole jobs instead of status checks. The emulator
+answers at once (zero latency, ``run_s`` 0, one 1024x1024 PNG per job, as ``python -m bench
+--only throughput``); a feeder thread here keeps ``--jobs`` jobs in flight, each with a
+webhook to the stack's receiver, so every job is submit → poll → archive → notify, and the
+unit counted is a webhook received. The report adds the split by step (the sampled stacks
+that pass through ``worker/jobs/steps/<step>.py``, and what is left: Celery and kombu taking
+messages in, acking them, and the task wrapper), and each step's split by package.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import signal
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from functools import lru_cache
@@ -55,15 +65,34 @@ POLL_ENV = {
     "POLL_MAX_INTERVAL_S": "0.05",
 }
 LONG_RUN_S = 3600.0
+#: ``--job``: as ``python -m bench --only throughput`` (bench/throughput.py's FAST).
+JOB_ENV = {
+    "POLL_INITIAL_DELAY_S": "0",
+    "POLL_MIN_INTERVAL_S": "0.05",
+    "POLL_MAX_INTERVAL_S": "0.05",
+    "WEBHOOK_RETRY_SCHEDULE": "0.5,1,1",
+}
 
 #: Table order; ``other`` takes the rest.
-GROUPS = ("celery", "kombu", "redis", "httpx", "pydantic", "logging", "json", "worker", "other")
+GROUPS = (
+    "celery",
+    "kombu",
+    "redis",
+    "httpx",
+    "boto",
+    "pydantic",
+    "logging",
+    "json",
+    "worker",
+    "other",
+)
 NEUTRAL = "stdlib / C"
 GROUP_LABELS = {
     "celery": "celery (+ billiard, vine)",
     "kombu": "kombu",
     "redis": "redis-py",
     "httpx": "httpx / httpcore / h11",
+    "boto": "boto3 / botocore / s3transfer / urllib3",
     "pydantic": "pydantic",
     "logging": "logging (stdlib + worker/logs.py)",
     "json": "json",
@@ -81,6 +110,10 @@ _TOP_LEVEL = {
     "httpx": "httpx",
     "httpcore": "httpx",
     "h11": "httpx",
+    "boto3": "boto",
+    "botocore": "boto",
+    "s3transfer": "boto",
+    "urllib3": "boto",
     "pydantic": "pydantic",
     "pydantic_core": "pydantic",
     "pydantic_settings": "pydantic",
@@ -316,15 +349,23 @@ def _thread_cpu_seconds(pid: int) -> float:
 
 
 class Window:
-    """Status checks (emulator), seconds and the worker's CPU between ``__enter__`` and
-    ``__exit__``."""
+    """Units of work (status checks the emulator answered, or with ``--job`` webhooks the
+    receiver got), seconds and the worker's CPU between ``__enter__`` and ``__exit__``."""
 
-    def __init__(self, stack: Stack, pid: int) -> None:
+    #: what one unit is, for the printed text
+    unit = "check"
+
+    def __init__(self, stack: Stack, pid: int, *, jobs: bool = False) -> None:
         self.stack, self.pid = stack, pid
         self.checks, self.seconds, self.cpu_s, self.main_cpu_s = 0, 0.0, 0.0, 0.0
+        self._jobs = jobs
+        if jobs:
+            self.unit = "job"
 
     def calls(self) -> int:
-        """Status calls the emulator has answered so far."""
+        """Units done so far: status calls the emulator has answered, or webhooks received."""
+        if self._jobs:
+            return len(self.stack.receiver.deliveries())
         return int(self.stack.emulator.counters()["status_calls"])
 
     def __enter__(self) -> Window:
@@ -342,19 +383,61 @@ class Window:
         """``743 checks in 3.0 s = 248/s; CPU per check 3,499 µs (3,499 main thread)``"""
         n = max(self.checks, 1)
         return (
-            f"{self.checks:,} checks in {self.seconds:.1f} s = {self.checks / self.seconds:.0f}/s; "
-            f"CPU per check {self.cpu_s * 1e6 / n:,.0f} µs "
+            f"{self.checks:,} {self.unit}s in {self.seconds:.1f} s = "
+            f"{self.checks / self.seconds:.0f}/s; "
+            f"CPU per {self.unit} {self.cpu_s * 1e6 / n:,.0f} µs "
             f"({self.main_cpu_s * 1e6 / n:,.0f} main thread)"
         )
 
 
+class Feeder:
+    """``--job``: keeps ``in_flight`` jobs (each with a webhook to the stack's receiver) between
+    enqueued and delivered, from a thread of this process, until stopped."""
+
+    def __init__(self, stack: Stack, producer: Any, in_flight: int) -> None:
+        self.stack, self.producer, self.in_flight = stack, producer, in_flight
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+
+    def _run(self) -> None:
+        url = self.stack.receiver.url
+        try:
+            while not self._stop.is_set():
+                if self.sent - len(self.stack.receiver.deliveries()) < self.in_flight:
+                    self.producer.enqueue(job_request(url, self.sent))
+                    self.sent += 1
+                else:
+                    time.sleep(0.002)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def __enter__(self) -> Feeder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self.error is not None:
+            raise BenchError(f"the feeder failed: {self.error!r}")
+
+
 def measure(
-    checks: int, jobs: int, baseline_s: float, sample_s: float, wall: bool
+    checks: int,
+    jobs: int,
+    baseline_s: float,
+    sample_s: float,
+    wall: bool,
+    *,
+    whole_jobs: bool = False,
 ) -> dict[str, Any]:
-    """Start the stack and the worker, run the three windows; the raw results."""
+    """Start the stack and the worker, run the three windows; the raw results. ``checks``
+    is the cProfile window's length in units (whole jobs with ``whole_jobs``)."""
     out = tempfile.mktemp(prefix="bench-profile-poll-")
     try:
-        return _measure(out, checks, jobs, baseline_s, sample_s, wall)
+        return _measure(out, checks, jobs, baseline_s, sample_s, wall, whole_jobs)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(out + ".prof")
@@ -362,12 +445,29 @@ def measure(
 
 
 def _measure(
-    out: str, checks: int, jobs: int, baseline_s: float, sample_s: float, wall: bool
+    out: str,
+    checks: int,
+    jobs: int,
+    baseline_s: float,
+    sample_s: float,
+    wall: bool,
+    whole_jobs: bool,
 ) -> dict[str, Any]:
-    result: dict[str, Any] = {"jobs": jobs, "timer": "wall clock" if wall else "thread CPU"}
+    result: dict[str, Any] = {
+        "jobs": jobs,
+        "timer": "wall clock" if wall else "thread CPU",
+        "whole_jobs": whole_jobs,
+    }
+    # About one sample per ms of CPU: 1,000 checks, or 300 jobs of ~5-20 ms each.
+    want_samples = 300 if whole_jobs else 1000
     with Stack() as stack:
-        stack.emulator.update_config(run_s=LONG_RUN_S, capacity=100_000)
-        env = stack.env(0, **POLL_ENV)
+        if whole_jobs:
+            stack.emulator.update_config(queue_s=0, run_s=0, capacity=100_000, output_min_bytes=0)
+            worker_env = JOB_ENV
+        else:
+            stack.emulator.update_config(run_s=LONG_RUN_S, capacity=100_000)
+            worker_env = POLL_ENV
+        env = stack.env(0, **worker_env)
         worker = Worker(env, pool="solo", concurrency=1, name="profile-poll")
         # python -m worker worker ARGS  →  python -m bench.profile_poll --child OUT -- ARGS
         if worker.argv[1:4] != ["-m", "worker", "worker"]:
@@ -375,46 +475,55 @@ def _measure(
         args = worker.argv[4:]
         worker.argv = [sys.executable, "-m", "bench.profile_poll", "--child", out]
         worker.argv += [*(["--wall"] if wall else []), "--", *args]
-        producer = stack.producer(0, **POLL_ENV)
+        producer = stack.producer(0, **worker_env)
+        feeding = contextlib.ExitStack()
         try:
             worker.start()
             pid = worker.pid
-            for i in range(jobs):
-                producer.enqueue(job_request(n=i))
             counters = stack.emulator.counters
-            wait_until(lambda: int(counters()["submits"]) >= jobs, 30, "submits")
-            wait_until(lambda: int(counters()["status_calls"]) >= 2 * jobs, 30, "first checks")
-            time.sleep(0.5)  # steady state: every job polling
+            if whole_jobs:
+                feeding.enter_context(Feeder(stack, producer, jobs))
+                # warm: every client built, every code path run a few times
+                deliveries = stack.receiver.deliveries
+                wait_until(lambda: len(deliveries()) >= 2 * jobs, 60, "warm-up jobs")
+            else:
+                for i in range(jobs):
+                    producer.enqueue(job_request(n=i))
+                wait_until(lambda: int(counters()["submits"]) >= jobs, 30, "submits")
+                wait_until(lambda: int(counters()["status_calls"]) >= 2 * jobs, 30, "first checks")
+                time.sleep(0.5)  # steady state: every job polling
 
-            with Window(stack, pid) as clean:
+            with Window(stack, pid, jobs=whole_jobs) as clean:
                 time.sleep(baseline_s)
             if clean.checks <= 0:
-                raise BenchError("no status checks in the unprofiled window")
+                raise BenchError(f"no {clean.unit}s in the unprofiled window")
             result["unprofiled"] = clean
 
-            with Window(stack, pid) as sampled:
+            with Window(stack, pid, jobs=whole_jobs) as sampled:
                 os.kill(pid, SIG_SAMPLE_ON)
                 start = sampled.calls()
                 time.sleep(sample_s)
-                with contextlib.suppress(BenchError):  # about one sample per check: want 1,000
-                    wait_until(lambda: sampled.calls() - start >= 1000, 15, "checks", 0.05)
+                with contextlib.suppress(BenchError):  # about one sample per ms of CPU
+                    wait_until(lambda: sampled.calls() - start >= want_samples, 15, "units", 0.05)
                 os.kill(pid, SIG_SAMPLE_OFF)
             wait_until(lambda: os.path.exists(out + ".samples"), 30, "the samples")
             result["sampled"] = sampled
             result["samples"] = json.loads(Path(out + ".samples").read_text())
 
-            with Window(stack, pid) as profiled:
+            with Window(stack, pid, jobs=whole_jobs) as profiled:
                 os.kill(pid, SIG_PROFILE_ON)
                 with contextlib.suppress(BenchError):  # too slow: report what there is
                     start = profiled.calls()
-                    wait_until(lambda: profiled.calls() - start >= checks, 25, "checks", 0.02)
+                    wait_until(lambda: profiled.calls() - start >= checks, 25, "units", 0.02)
                 os.kill(pid, SIG_PROFILE_OFF)
             wait_until(lambda: os.path.exists(out + ".prof"), 30, "the profile")
+            feeding.close()
             result["profiled"] = profiled
             result["stats"] = pstats.Stats(out + ".prof").stats  # type: ignore[attr-defined]
             result["prof_path"] = out + ".prof"
             worker.kill()  # hundreds of due polls: nothing worth a warm shutdown
         finally:
+            feeding.close()
             worker.close()
             producer.app.close_runtime()
             with contextlib.suppress(OSError):
@@ -432,21 +541,31 @@ def report(result: dict[str, Any], top_n: int = 15) -> str:
     true_us = clean.cpu_s * 1e6 / max(clean.checks, 1)
     total = split.total() or 1e-12
     n_samples = max(int(samples["samples"]), 1)
+    unit = clean.unit
+    if result.get("whole_jobs"):
+        what = (
+            f"{result['jobs']} jobs in flight, zero-latency emulator, each submit → poll → "
+            "archive → notify"
+        )
+    else:
+        what = f"{result['jobs']} hour-long jobs polling every 0.05 s"
     lines = [
-        f"one service worker, -P solo, {result['jobs']} hour-long jobs polling every 0.05 s",
+        f"one service worker, -P solo, {what}",
         f"  unprofiled: {clean.text()}",
         f"  sampled:    {result['sampled'].text()}; {n_samples:,} stack samples",
         f"  cProfile:   {profiled.text()}",
-        f"  cProfile ({result['timer']}, main thread): {total * 1e6 / checks:,.0f} µs per check "
+        f"  cProfile ({result['timer']}, main thread): {total * 1e6 / checks:,.0f} µs per {unit} "
         f"as measured (the profiler inflates it {total * 1e6 / checks / true_us:.1f}x), "
-        f"{split.calls() / checks:,.0f} Python and C function calls per check",
+        f"{split.calls() / checks:,.0f} Python and C function calls per {unit}",
         "",
-        "CPU by package: sampled (no distortion; µs/check = share x the unprofiled CPU per "
-        "check) and cProfile tottime",
+        f"CPU by package: sampled (no distortion; µs/{unit} = share x the unprofiled CPU per "
+        f"{unit}) and cProfile tottime",
     ]
+    per = f"µs/{unit}"
+    calls_per = f"calls/{unit}"
     header = (
-        f"  {'package':<40} {'sampled':>8} {'µs/check':>9} {'cProf own':>10} "
-        f"{'cProf charged':>14} {'calls/check':>12}"
+        f"  {'package':<40} {'sampled':>8} {per:>9} {'cProf own':>10} "
+        f"{'cProf charged':>14} {calls_per:>12}"
     )
     lines += [header, "  " + "-" * (len(header) - 2)]
     table = split.by_group()
@@ -473,7 +592,7 @@ def report(result: dict[str, Any], top_n: int = 15) -> str:
     )
 
     lines += ["", f"top {top_n} functions by cProfile tottime (own time):"]
-    lines.append(f"  {'share':>6} {'µs/check':>9} {'calls/check':>12}  {'charged to':<9} function")
+    lines.append(f"  {'share':>6} {per:>9} {calls_per:>12}  {'charged to':<9} function")
     for key, seconds, n_calls, owner in split.top(top_n):
         lines.append(
             f"  {seconds / total:6.1%} {seconds * 1e6 / checks:9,.1f} {n_calls / checks:12,.1f}"
@@ -482,15 +601,69 @@ def report(result: dict[str, Any], top_n: int = 15) -> str:
     lines += ["", f"top {top_n // 2} functions by samples (Python frames; C time in its caller):"]
     for raw_key, n in samples["leaf"][: top_n // 2]:
         lines.append(
-            f"  {n / n_samples:6.1%} {n / n_samples * true_us:9,.0f} µs/check  {_key(raw_key)}"
+            f"  {n / n_samples:6.1%} {n / n_samples * true_us:9,.0f} {per}  {_key(raw_key)}"
         )
+    if samples.get("stacks") and result.get("whole_jobs"):
+        lines += ["", *step_table(samples["stacks"], n_samples, true_us)]
     if samples.get("stacks"):
         lines += ["", "where it is spent (sampled call tree; chains of one call collapsed, ≥ 2 %):"]
         lines += call_tree(samples["stacks"], n_samples, true_us)
-        lines += ["", "a few things every check does (sampled, inclusive, all call sites):"]
+        lines += ["", f"a few things every {unit} does (sampled, inclusive, all call sites):"]
         for share, text in notable(samples["stacks"], n_samples):
             lines.append(f"  {share:6.1%} {share * true_us:7,.0f} µs  {text}")
     return "\n".join(lines)
+
+
+#: Where a sampled stack is, by step: the first frame in one of these files decides.
+STEP_FILES = (
+    ("worker/jobs/steps/submit.py", "submit"),
+    ("worker/jobs/steps/poll.py", "poll"),
+    ("worker/jobs/steps/archive.py", "archive"),
+    ("worker/jobs/steps/notify.py", "notify"),
+    ("worker/queueing/tasks.py", "task wrapper (parse, context)"),
+)
+#: Samples in no step: Celery's and kombu's own work (take messages in, ack, the loop).
+OUTSIDE_STEPS = "outside tasks (consumer, ack, loop)"
+
+
+def step_of(frames: list[Any]) -> str:
+    """The step a sampled stack (outermost frame first) belongs to."""
+    found: str | None = None
+    for raw in frames:
+        filename = str(raw[0])
+        for ending, step in STEP_FILES:
+            if filename.endswith(ending):
+                if step in ("submit", "poll", "archive", "notify"):
+                    return step
+                found = found or step
+    return found or OUTSIDE_STEPS
+
+
+def charged_group(frames: list[Any]) -> str:
+    """The group a sampled stack's time is charged to: its innermost frame with a group."""
+    for raw in reversed(frames):
+        group = group_of(str(raw[0]))
+        if group is not None:
+            return group
+    return "other"
+
+
+def step_table(stacks: list[list[Any]], n_samples: int, us_per_job: float) -> list[str]:
+    """Sampled CPU by step, and each step's split by package (≥ 1 % of the step)."""
+    by_step: dict[str, Counter[str]] = defaultdict(Counter)
+    for frames, count in stacks:
+        by_step[step_of(frames)][charged_group(frames)] += count
+    lines = ["CPU by step (sampled; a step's packages, largest first, ≥ 1 % of the step):"]
+    order = [step for _, step in STEP_FILES] + [OUTSIDE_STEPS]
+    for step in sorted(by_step, key=order.index):
+        groups = by_step[step]
+        n = sum(groups.values())
+        share = n / n_samples
+        parts = ", ".join(
+            f"{group} {c / n:.0%}" for group, c in groups.most_common() if c / n >= 0.01
+        )
+        lines.append(f"  {share:6.1%} {share * us_per_job:7,.0f} µs  {step:<38} {parts}")
+    return lines
 
 
 #: (file ending, function) → what it is; a function that is not there is left out.
@@ -581,8 +754,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.profile_poll", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--checks", type=int, default=400, help="status checks under cProfile")
-    parser.add_argument("--jobs", type=int, default=32, help="hour-long jobs polling at once")
+    parser.add_argument(
+        "--checks", type=int, default=None, help="status checks (jobs) under cProfile"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="hour-long jobs polling at once (--job: in flight)"
+    )
+    parser.add_argument(
+        "--job", action="store_true", help="whole jobs (submit, poll, archive, notify)"
+    )
     parser.add_argument("--baseline-s", type=float, default=3.0, help="unprofiled window, s")
     parser.add_argument(
         "--sample-s", type=float, default=4.0, help="sampled window, s (longer for < 1,000 checks)"
@@ -595,7 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args.child, args.wall, args.worker_args)
     started = time.monotonic()
-    result = measure(args.checks, args.jobs, args.baseline_s, args.sample_s, args.wall)
+    checks = args.checks or (100 if args.job else 400)
+    jobs = args.jobs or (8 if args.job else 32)
+    result = measure(checks, jobs, args.baseline_s, args.sample_s, args.wall, whole_jobs=args.job)
     try:
         print(report(result))
     finally:

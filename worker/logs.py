@@ -110,10 +110,19 @@ class TextFormatter(logging.Formatter):
         return f"{head} [{tags}]{sep}{tail}"
 
 
+def _longest_first(secrets: Iterable[str]) -> tuple[str, ...]:
+    """The non-empty secrets, once each, longest first (so a secret that contains another
+    one is masked whole)."""
+    return tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
     """``text`` with every non-empty value of ``secrets`` replaced by ``***``."""
-    # Longest first, so a secret that contains another one is masked whole.
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+    return _redact_ordered(text, _longest_first(secrets))
+
+
+def _redact_ordered(text: str, ordered: tuple[str, ...]) -> str:
+    for secret in ordered:
         text = text.replace(secret, REDACTED)
     return text
 
@@ -123,14 +132,16 @@ class SecretRedactingFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self.secrets: tuple[str, ...] = tuple(s for s in secrets if s)
+        # Ordered once here, not for every message and field of every record (a few % of
+        # an INFO line's CPU).
+        self.secrets: tuple[str, ...] = _longest_first(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record in place; never drops it."""
         if not self.secrets:
             return True
         message = record.getMessage()
-        cleaned = redact(message, self.secrets)
+        cleaned = _redact_ordered(message, self.secrets)
         if cleaned != message:
             record.msg, record.args = cleaned, None
         if record.exc_info and not record.exc_text:
@@ -138,17 +149,23 @@ class SecretRedactingFilter(logging.Filter):
             # Formatter.format reuses exc_text instead of formatting again.
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact(record.exc_text, self.secrets)
+            record.exc_text = _redact_ordered(record.exc_text, self.secrets)
         if record.stack_info:
-            record.stack_info = redact(record.stack_info, self.secrets)
+            record.stack_info = _redact_ordered(record.stack_info, self.secrets)
         for key, value in _extras(record).items():
             if isinstance(value, str):
-                setattr(record, key, redact(value, self.secrets))
+                setattr(record, key, _redact_ordered(value, self.secrets))
         return True
 
 
 #: Celery's loggers that write a line for every task received and finished.
 CELERY_PER_TASK_LOGGERS: Final = ("celery.app.trace", "celery.worker.strategy")
+#: httpx writes an INFO line for every request ("HTTP Request: GET <url> …"): five per job
+#: (submit, status, result, download, webhook), with the whole URL, so a signed output URL
+#: or a webhook URL with a token in its query would land in the logs as it is.
+HTTP_PER_REQUEST_LOGGERS: Final = ("httpx",)
+#: Loggers kept at WARNING unless the level is DEBUG: one line per task or per request.
+PER_CALL_LOGGERS: Final = CELERY_PER_TASK_LOGGERS + HTTP_PER_REQUEST_LOGGERS
 
 
 def configure_logging(
@@ -169,8 +186,9 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Celery logs two INFO lines per task (received, succeeded): one pair per status check
-    # is noise at scale and ~7 % of a check's CPU. The job's own lines say what happened;
-    # at DEBUG Celery's come back.
+    # is noise at scale and ~7 % of a check's CPU; httpx one per request (five a job, with
+    # URLs we redact in our own lines). The job's own lines say what happened; at DEBUG
+    # Celery's and httpx's come back.
     quiet = logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
-    for name in CELERY_PER_TASK_LOGGERS:
+    for name in PER_CALL_LOGGERS:
         logging.getLogger(name).setLevel(quiet)

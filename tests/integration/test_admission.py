@@ -116,6 +116,8 @@ def test_a_429_cooldown_is_shared_and_never_shortened(redis_client: redis.Redis)
     adm.start_cooldown(2.0)
     adm.start_cooldown(0.5)
     assert 1500 < other_worker.cooldown_ms() <= 2000
+    circuit, left = other_worker.gate()  # what a submit asks first, in one round trip
+    assert circuit == "closed" and 1500 < left <= 2000
 
 
 def make_view(client: redis.Redis, like: RedisAdmission) -> RedisAdmission:
@@ -135,13 +137,16 @@ def test_the_account_circuit_opens_then_half_opens_one_job_at_a_time(
     adm = make(redis_client, cap=None, probe_s=0.3)
     for i in range(4):
         adm.enter(f"j{i}", req())
+    assert adm.gate() == ("closed", 0)
     adm.pause("400002", "insufficient balance", now=time.time())
     assert adm.circuit() == "open"
+    assert adm.gate() == ("open", 0)
     pause = adm.paused()
     assert pause is not None and pause.code == "400002"
     assert adm.admit(time.time()) == []
     time.sleep(0.35)
     assert adm.circuit() == "probing"
+    assert adm.gate() == ("probing", 0)
     assert adm.admit(time.time()) == ["j0"]  # one probe
     assert adm.admit(time.time()) == []  # while it is out, nobody else
     adm.submitted()  # the probe got through: closed

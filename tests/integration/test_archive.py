@@ -383,6 +383,28 @@ def test_redelivery_skips_the_download(
     assert second.url is not None
 
 
+def test_a_fresh_archive_uploads_without_looking_for_a_copy(
+    files: FileServer, archiver: Archiver, s3: S3Client, calls: list[str]
+) -> None:
+    url = files.add("noext", Route(size=1000, seed=10, content_type="image/jpeg"))
+    job_id = new_job()
+
+    out = archiver.archive_one(
+        job_id=job_id, request_id="req-123", index=0, kind=OutputKind.IMAGE, source_url=url,
+        fresh=True,
+    )  # fmt: skip
+
+    assert "HeadObject" not in calls
+    assert calls == ["PutObject"]
+    assert out.key.endswith("/0.jpg")
+    assert_stored(s3, out, content(1000, seed=10), job_id, url)
+    # A later run is not fresh: it finds that copy.
+    calls.clear()
+    again = archive(archiver, job_id, url)
+    assert calls == ["HeadObject", "HeadObject"]
+    assert again.sha256 == out.sha256
+
+
 def test_redelivery_finds_a_copy_whose_extension_came_from_the_content_type(
     files: FileServer, archiver: Archiver, calls: list[str]
 ) -> None:
@@ -480,6 +502,13 @@ def test_a_stalled_download_times_out_and_aborts_the_upload(
 
 
 # -- the total deadline -----------------------------------------------------------------------
+
+
+def test_downloads_share_one_watchdog_thread(files: FileServer, archiver: Archiver) -> None:
+    for i in range(3):
+        archive(archiver, new_job(), files.add(f"w{i}.png", Route(size=1000, seed=20 + i)))
+    names = [thread.name for thread in threading.enumerate()]
+    assert names.count("download-deadlines") == 1
 
 
 def test_a_trickling_download_stops_at_the_total_deadline(

@@ -54,6 +54,28 @@ def test_load_unknown(store: JobStore) -> None:
         store.load("nope")
 
 
+def test_start_run_reads_the_job_and_counts_the_runs_of_a_step(store: JobStore) -> None:
+    job, _ = store.create_if_absent("j9", req())
+    first = store.start_run("j9", "runcomfy.archive")
+    assert first is not None and first.runs == 1
+    assert (first.record, first.version, first.seq) == (job.record, job.version, job.seq)
+    assert first.read_at > 0
+    # Writes keep the count; other steps and plain reads have their own (none).
+    moved = store.update(first, JobChange(status=JobStatus.SUBMITTING))
+    assert moved is not None
+    second = store.start_run("j9", "runcomfy.archive")
+    assert second is not None and second.runs == 2 and second.version == moved.version
+    other = store.start_run("j9", "runcomfy.notify")
+    assert other is not None and other.runs == 1
+    plain = store.get("j9")
+    assert plain is not None and plain.runs == 0
+    # An unknown job is not counted into existence.
+    assert store.start_run("nope", "runcomfy.archive") is None
+    assert store.get("nope") is None
+    if isinstance(store, RedisJobStore):
+        assert not store.redis.exists(job_key("nope"))
+
+
 def test_cas_applies_once_and_refuses_stale_versions(store: JobStore) -> None:
     job, _ = store.create_if_absent("j2", req())
     moved = store.update(job, JobChange(status=JobStatus.SUBMITTING, lease=Lease("task-1", 123.5)))

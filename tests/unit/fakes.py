@@ -107,10 +107,11 @@ def archived_output(job_id: str, index: int, kind: OutputKind, source_url: str) 
 class FakeArchiver:
     """S3: ``failures`` are raised one per call, in order; once none are left, every call
     succeeds with :func:`archived_output`. ``calls`` lists
-    ``(job_id, request_id, index, kind, source_url)``."""
+    ``(job_id, request_id, index, kind, source_url)``; ``fresh`` the ``fresh`` flag of each."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, int, OutputKind, str]] = []
+        self.fresh: list[bool] = []
         self.failures: list[ServiceError] = []
 
     def fail(self, *errors: ServiceError) -> None:
@@ -118,9 +119,17 @@ class FakeArchiver:
         self.failures.extend(errors)
 
     def archive_one(
-        self, *, job_id: str, request_id: str, index: int, kind: OutputKind, source_url: str
+        self,
+        *,
+        job_id: str,
+        request_id: str,
+        index: int,
+        kind: OutputKind,
+        source_url: str,
+        fresh: bool = False,
     ) -> ArchivedOutput:
         self.calls.append((job_id, request_id, index, kind, source_url))
+        self.fresh.append(fresh)
         if self.failures:
             raise self.failures.pop(0)
         return archived_output(job_id, index, kind, source_url)

@@ -9,17 +9,23 @@ import signal
 import sys
 from typing import Any
 
+import pytest
+
 from bench.common import ROOT
 from bench.profile_poll import (
     _STDLIB,
     NEUTRAL,
+    OUTSIDE_STEPS,
     Sampler,
     Split,
     Window,
     call_tree,
+    charged_group,
     group_of,
     notable,
     report,
+    step_of,
+    step_table,
 )
 
 SITE = "/venv/lib/python3.11/site-packages"
@@ -32,7 +38,9 @@ def test_files_are_grouped_by_package() -> None:
     assert group_of(f"{SITE}/redis/client.py") == "redis"
     assert group_of(f"{SITE}/httpcore/_sync/http11.py") == "httpx"
     assert group_of(f"{SITE}/pydantic_core/core_schema.py") == "pydantic"
-    assert group_of(f"{SITE}/boto3/session.py") == "other"
+    assert group_of(f"{SITE}/boto3/session.py") == "boto"
+    assert group_of(f"{SITE}/botocore/endpoint.py") == "boto"
+    assert group_of(f"{SITE}/moto/core.py") == "other"
     assert group_of(f"{ROOT}/worker/jobs/steps/poll.py") == "worker"
     assert group_of(f"{ROOT}/api_contracts/jobs.py") == "worker"
     assert group_of(f"{ROOT}/worker/logs.py") == "logging"
@@ -92,7 +100,8 @@ def _window(checks: int, seconds: float, cpu_s: float) -> Window:
     return window
 
 
-def test_report_renders() -> None:
+@pytest.mark.parametrize("whole_jobs", [False, True], ids=["checks", "jobs"])
+def test_report_renders(whole_jobs: bool) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
     json.dumps({"a": [1, 2, 3]})
@@ -114,9 +123,15 @@ def test_report_renders() -> None:
             "stacks": [[[json_key], 6]],
         },
         "stats": stats,
+        "whole_jobs": whole_jobs,
     }
+    if whole_jobs:
+        for name in ("unprofiled", "sampled", "profiled"):
+            result[name].unit = "job"
     text = report(result)
-    assert "100 checks in 1.0 s = 100/s; CPU per check 3,000 µs" in text
+    unit = "job" if whole_jobs else "check"
+    assert f"100 {unit}s in 1.0 s = 100/s; CPU per {unit} 3,000 µs" in text
+    assert ("CPU by step" in text) is whole_jobs
     assert "json/encoder.py:183(encode)" in text
     json_row = next(line for line in text.splitlines() if line.strip().startswith("json"))
     assert "60.0%" in json_row
@@ -150,3 +165,35 @@ def test_notable_counts_each_stack_once() -> None:
     loop = [f"{SITE}/kombu/asynchronous/hub.py", 1, "loop"]
     stacks = [[[loop, client, client], 3], [[loop], 7]]
     assert notable(stacks, 10) == [(0.3, "kombu: a new redis.Redis per command")]
+
+
+def test_step_table_splits_samples_by_step_and_package() -> None:
+    loop = [f"{SITE}/kombu/asynchronous/hub.py", 1, "create_loop"]
+    task = [f"{ROOT}/worker/queueing/tasks.py", 211, "run_task"]
+    archive = [f"{ROOT}/worker/jobs/steps/archive.py", 37, "archive"]
+    boto = [f"{SITE}/botocore/client.py", 998, "_make_api_call"]
+    sock = [f"{_STDLIB}/socket.py", 5, "readinto"]
+    notify = [f"{ROOT}/worker/jobs/steps/notify.py", 24, "notify"]
+    ack = [f"{SITE}/kombu/transport/virtual/base.py", 678, "basic_ack"]
+    stacks = [
+        [[loop, task, archive, boto, sock], 6],
+        [[loop, task, archive], 2],
+        [[loop, task, notify], 1],
+        [[loop, task], 1],
+        [[loop, ack], 2],
+    ]
+    assert step_of(stacks[0][0]) == "archive"
+    assert step_of(stacks[3][0]) == "task wrapper (parse, context)"
+    assert step_of(stacks[4][0]) == OUTSIDE_STEPS
+    assert charged_group([loop, task, archive, boto, sock]) == "boto"
+    lines = step_table(stacks, 12, 1200.0)
+    assert lines[0].startswith("CPU by step")
+    archive_row = next(line for line in lines if " archive " in line)
+    assert "66.7%" in archive_row and "800 µs" in archive_row
+    assert "boto 75%, worker 25%" in archive_row
+    assert [line.split("µs")[1].split()[0] for line in lines[1:]] == [
+        "archive",
+        "notify",
+        "task",
+        "outside",
+    ]

@@ -71,6 +71,7 @@ def test_there_are_lua_scripts() -> None:
         "create.lua",
         "enter.lua",
         "learn.lua",
+        "run.lua",
         "unlock.lua",
         "update.lua",
     ]

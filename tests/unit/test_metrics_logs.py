@@ -301,19 +301,18 @@ def test_configure_logging_installs_redaction(capsys: pytest.CaptureFixture[str]
 def test_celery_per_task_lines_are_quiet_at_info_and_back_at_debug() -> None:
     import logging
 
-    from worker.logs import CELERY_PER_TASK_LOGGERS, configure_logging
+    from worker.logs import CELERY_PER_TASK_LOGGERS, PER_CALL_LOGGERS, configure_logging
 
+    assert set(CELERY_PER_TASK_LOGGERS) < set(PER_CALL_LOGGERS)
+    assert "httpx" in PER_CALL_LOGGERS
     try:
         configure_logging("INFO", json_format=True)
-        assert all(
-            not logging.getLogger(n).isEnabledFor(logging.INFO) for n in CELERY_PER_TASK_LOGGERS
-        )
+        assert all(not logging.getLogger(n).isEnabledFor(logging.INFO) for n in PER_CALL_LOGGERS)
+        assert logging.getLogger("httpx").isEnabledFor(logging.WARNING)
         assert logging.getLogger("worker.jobs").isEnabledFor(logging.INFO)
         configure_logging("DEBUG", json_format=True)
-        assert all(
-            logging.getLogger(n).isEnabledFor(logging.DEBUG) for n in CELERY_PER_TASK_LOGGERS
-        )
+        assert all(logging.getLogger(n).isEnabledFor(logging.DEBUG) for n in PER_CALL_LOGGERS)
     finally:
         configure_logging("WARNING", json_format=True)
-        for name in CELERY_PER_TASK_LOGGERS:
+        for name in PER_CALL_LOGGERS:
             logging.getLogger(name).setLevel(logging.NOTSET)

@@ -64,6 +64,7 @@ from worker.errors import (
     TransitionRefusedError,
     UpstreamProtocolError,
 )
+from worker.jobs.admission import Circuit, NoAdmission
 from worker.jobs.cancel import cancel_queued
 from worker.jobs.handoff import OUTBOX_GRACE_S, Handoff, Outcome, StepResult
 from worker.jobs.memory import InMemoryJobStore
@@ -240,6 +241,38 @@ def test_submit_posts_once_and_hands_off_the_first_poll(w: World) -> None:
         ("j1", "submitting"),
         ("j1", "in_queue"),
     ]
+
+
+class CircuitAt(NoAdmission):
+    """No caps, the account circuit fixed at ``state``; counts ``submitted`` calls."""
+
+    def __init__(self, state: Circuit) -> None:
+        self.state = state
+        self.submitted_calls = 0
+
+    def gate(self) -> tuple[Circuit, int]:
+        return self.state, 0
+
+    def holds_slot(self, job_id: str) -> bool:
+        return True  # the probe was admitted
+
+    def submitted(self) -> None:
+        self.submitted_calls += 1
+
+
+@pytest.mark.parametrize(("state", "closes"), [("closed", 0), ("probing", 1)])
+def test_only_the_probe_of_a_half_open_circuit_closes_it(
+    w: World, state: Circuit, closes: int
+) -> None:
+    admission = CircuitAt(state)
+    w.ctx.handoff.admission = admission
+    seed(w, "j1", S.QUEUED)
+    w.upstream.on_submit.set(SubmitResponse(request_id=RID))
+
+    result = submit(w.ctx, SubmitMessage(job_id="j1", request=REQUEST), owner="t1")
+
+    assert result == StepResult(Outcome.SUBMITTED, "j1")
+    assert admission.submitted_calls == closes
 
 
 def test_submit_message_creates_its_job_when_the_producer_did_not(w: World) -> None:
@@ -1033,6 +1066,23 @@ def test_archive_copies_every_output_and_succeeds(w: World, webhook: bool) -> No
     else:
         assert job.outbox is None
         assert w.rec.sent == []
+
+
+def test_only_the_first_archive_run_of_a_job_skips_looking_for_copies(w: World) -> None:
+    seed(w, "j1", S.ARCHIVING, seq=5)
+    w.upstream.on_result.set(COMPLETED)
+    w.archiver.fail(StorageError("S3 503"))  # the first output of the first run
+
+    assert archive(w.ctx, StepMessage(job_id="j1", seq=5)).outcome == Outcome.RETRY
+    assert w.archiver.fresh == [True]
+    # The retry (and any redelivery or duplicate) may find what an earlier run stored.
+    assert archive(w.ctx, StepMessage(job_id="j1", seq=6)).outcome == Outcome.SUCCEEDED
+    assert w.archiver.fresh == [True, False, False, False]
+    assert w.store.runs["j1", TASK_ARCHIVE] == 2
+    # A stale duplicate is counted too (it read the job), and does nothing else.
+    assert archive(w.ctx, StepMessage(job_id="j1", seq=6)).outcome == Outcome.STALE
+    assert w.store.runs["j1", TASK_ARCHIVE] == 3
+    assert len(w.archiver.fresh) == 4
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,10 @@ class Admission(Protocol):
         """closed: submit; open: nobody submits; probing: one admitted job tries."""
         ...
 
+    def gate(self) -> tuple[Circuit, int]:
+        """:meth:`circuit` and :meth:`cooldown_ms` at once: what a submit asks first."""
+        ...
+
     def enter(self, job_id: str, request: JobRequest | None, *, front: bool = False) -> int:
         """Put a job in the waiting room: 1 entered, 0 already waiting, 2 holds a slot."""
         ...
@@ -163,6 +167,10 @@ class NoAdmission:
     def circuit(self) -> Circuit:
         """Always closed."""
         return "closed"
+
+    def gate(self) -> tuple[Circuit, int]:
+        """Closed, no cooldown."""
+        return "closed", 0
 
     def enter(self, job_id: str, request: JobRequest | None, *, front: bool = False) -> int:
         """Never waits."""
@@ -248,6 +256,16 @@ class RedisAdmission:
         if hard:
             return "open"
         return "probing" if probing else "closed"
+
+    def gate(self) -> tuple[Circuit, int]:
+        """The circuit and the cooldown in one round trip (EXISTS, EXISTS, PTTL)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(PAUSE_KEY)
+            pipe.exists(PROBING_KEY)
+            pipe.pttl(COOLDOWN_KEY)
+            hard, probing, left = pipe.execute()
+        circuit: Circuit = "open" if hard else "probing" if probing else "closed"
+        return circuit, max(0, int(left))
 
     def enter(self, job_id: str, request: JobRequest | None, *, front: bool = False) -> int:
         """Put a job in the waiting room (``enter.lua``)."""

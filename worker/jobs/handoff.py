@@ -248,12 +248,19 @@ class Handoff:
         self.send(task, msg.job_id, msg.seq, remaining)
         return True
 
-    def open(self, task: str, msg: StepMessage) -> StoredJob | StepResult:
-        """The job a poll/archive/notify message names, if the message is due and current."""
+    def open(
+        self, task: str, msg: StepMessage, *, count_run: bool = False
+    ) -> StoredJob | StepResult:
+        """The job a poll/archive/notify message names, if the message is due and current.
+        ``count_run``: read it with :meth:`~worker.jobs.store.JobStore.start_run` (same
+        round trip), so ``job.runs`` says whether this is the step's first run on it."""
         if self.defer_if_early(task, msg):
             return StepResult(Outcome.DEFERRED, msg.job_id)
         with log_context(job_id=msg.job_id, task=task):
-            job = self.store.get(msg.job_id)
+            if count_run:
+                job = self.store.start_run(msg.job_id, task)
+            else:
+                job = self.store.get(msg.job_id)
             if job is None or not self.is_current(job, msg.seq, task):
                 return StepResult(Outcome.STALE, msg.job_id)
         return job

@@ -58,13 +58,25 @@ class InMemoryJobStore:
         self.counters: Counter[str] = Counter()
         #: writes that took the check-only path (check.lua in the Redis store)
         self.check_writes = 0
+        #: (job id, task) -> runs counted by start_run (run.lua in the Redis store)
+        self.runs: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
 
     def get(self, job_id: str) -> StoredJob | None:
         """The job (read at the twin's clock), or None when unknown."""
         with self._lock:
             job = self.jobs.get(job_id)
-        return None if job is None else replace(job, read_at=self.clock())
+        return None if job is None else replace(job, read_at=self.clock(), runs=0)
+
+    def start_run(self, job_id: str, task: str) -> StoredJob | None:
+        """The job, with one more run of ``task`` counted (none when unknown)."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            self.runs[job_id, task] += 1
+            runs = self.runs[job_id, task]
+        return replace(job, read_at=self.clock(), runs=runs)
 
     def load(self, job_id: str) -> StoredJob:
         """The job; JobNotFoundError when unknown."""

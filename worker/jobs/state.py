@@ -142,6 +142,9 @@ class StoredJob:
     queued_ts: float = 0.0
     started_ts: float = 0.0
     checked_ts: float = 0.0
+    #: read by :meth:`~worker.jobs.store.JobStore.start_run`: how many runs of the reading
+    #: step have read the job so far, this one included (1: the first); 0 for other reads
+    runs: int = 0
 
     @property
     def id(self) -> str:

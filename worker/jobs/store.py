@@ -23,6 +23,9 @@ Hash fields of ``rcw:job:<id>``:
              running (first), and the latest: the learned schedule's inputs
 ``calls``    status checks recorded by ``check.lua`` since the record was last written
              (added to record.status_calls on read)
+``runs:<task>``  runs of a step that read the job with :meth:`JobStore.start_run`
+             (``run.lua``): the archive step's first run knows no copy of its outputs can
+             be in S3 yet
 
 A status check that changes nothing about the job (same status, same queue position) is
 written by ``scripts/check.lua`` instead of ``update.lua``: the same compare-and-set on
@@ -36,7 +39,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from importlib import resources
-from typing import Protocol
+from typing import Final, Protocol
 
 import redis
 
@@ -79,6 +82,13 @@ class JobStore(Protocol):
 
     def load(self, job_id: str) -> StoredJob:
         """The job; JobNotFoundError when unknown or expired."""
+        ...
+
+    def start_run(self, job_id: str, task: str) -> StoredJob | None:
+        """The job, as :meth:`get` reads it, for one run of the step ``task``, with
+        ``runs``: how many runs of that step have read it so far, this one included (1: no
+        earlier run of the step can have done any of its work). Counting is part of the
+        read; None (and nothing counted) when the job is unknown or expired."""
         ...
 
     def create_if_absent(
@@ -145,6 +155,10 @@ class JobStore(Protocol):
         ...
 
 
+#: Hash field counting the runs of one step (``runs:<task name>``, ``run.lua``).
+RUNS_FIELD_PREFIX: Final = "runs:"
+
+
 def job_key(job_id: str) -> str:
     """Redis key of a job's hash."""
     return JOB_KEY_PREFIX + job_id
@@ -179,6 +193,7 @@ class RedisJobStore:
         self._create = client.register_script(script("create.lua"))
         self._claim = client.register_script(script("claim.lua"))
         self._check = client.register_script(script("check.lua"))
+        self._run = client.register_script(script("run.lua"))
 
     # ---------------------------------------------------------------- reads
     def get(self, job_id: str) -> StoredJob | None:
@@ -191,6 +206,17 @@ class RedisJobStore:
             return None
         fields = {as_text(k): as_text(v) for k, v in raw.items()}
         return decode_job(fields, read_at=float(seconds) + float(micros) / 1e6)
+
+    def start_run(self, job_id: str, task: str) -> StoredJob | None:
+        """Read and count one run of ``task`` (``run.lua``): the same round trip as
+        :meth:`get`."""
+        answer = self._run(keys=[job_key(job_id)], args=[RUNS_FIELD_PREFIX + task])
+        if not answer:
+            return None
+        seconds, micros, runs, flat = answer
+        fields = {as_text(flat[i]): as_text(flat[i + 1]) for i in range(0, len(flat), 2)}
+        read_at = float(as_text(seconds)) + float(as_text(micros)) / 1e6
+        return decode_job(fields, read_at=read_at, runs=int(runs))
 
     def load(self, job_id: str) -> StoredJob:
         """The job; JobNotFoundError when unknown or expired."""
@@ -363,8 +389,9 @@ def _check_marks(job: StoredJob) -> dict[str, str]:
     }
 
 
-def decode_job(f: Mapping[str, str], *, read_at: float = 0.0) -> StoredJob:
-    """A job from its hash fields, read at ``read_at`` (Redis TIME)."""
+def decode_job(f: Mapping[str, str], *, read_at: float = 0.0, runs: int = 0) -> StoredJob:
+    """A job from its hash fields, read at ``read_at`` (Redis TIME) by the ``runs``-th run
+    of a step (:meth:`JobStore.start_run`; 0 for other reads)."""
     owner = f.get("lease_owner", "")
     record = JobRecord.model_validate_json(f["record"])
     calls = int(f.get("calls") or 0)
@@ -385,6 +412,7 @@ def decode_job(f: Mapping[str, str], *, read_at: float = 0.0) -> StoredJob:
         queued_ts=float(f.get("queued_ts") or 0),
         started_ts=float(f.get("started_ts") or 0),
         checked_ts=float(f.get("checked_ts") or 0),
+        runs=runs,
     )
 
 

@@ -51,9 +51,18 @@ class OutputArchiver(Protocol):
     """Copies one output into S3 (``worker.services.s3.Archiver``)."""
 
     def archive_one(
-        self, *, job_id: str, request_id: str, index: int, kind: OutputKind, source_url: str
+        self,
+        *,
+        job_id: str,
+        request_id: str,
+        index: int,
+        kind: OutputKind,
+        source_url: str,
+        fresh: bool = False,
     ) -> ArchivedOutput:
-        """Stream ``source_url`` into the job's deterministic key; the archived output."""
+        """Stream ``source_url`` into the job's deterministic key; the archived output.
+        ``fresh``: no earlier archive run of the job can have stored anything, so there is
+        no copy to look for first."""
         ...
 
 

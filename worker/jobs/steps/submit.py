@@ -17,6 +17,7 @@ from api_contracts.messages import TASK_POLL, TASK_SUBMIT, SubmitMessage
 from worker import metrics
 from worker.errors import RetryableUpstreamError, ServiceError
 from worker.jobs import decisions
+from worker.jobs.admission import Circuit
 from worker.jobs.handoff import Outcome, StepResult
 from worker.jobs.state import JobChange, Lease, StoredJob
 from worker.jobs.steps import StepContext, call_outcome, learned_runtimes
@@ -54,7 +55,7 @@ def submit(ctx: StepContext, msg: SubmitMessage, *, owner: str) -> StepResult:
             if job.lease.owner != owner and job.lease.until > job.read_at:
                 return StepResult(Outcome.SUBMIT_IN_PROGRESS_ELSEWHERE, msg.job_id)
             ambiguous = True
-        held = _admitted(ctx, job)
+        held, circuit = _admitted(ctx, job)
         if held is not None:
             return held
         if job.age_s >= ctx.settings.job.deadline_s:
@@ -63,25 +64,27 @@ def submit(ctx: StepContext, msg: SubmitMessage, *, owner: str) -> StepResult:
             error = JobError(code=ErrorCode.DEADLINE_EXCEEDED, message=message)
             ctx.handoff.finish(job, JobStatus.FAILED, error, JobChange(lease=None))
             return StepResult(Outcome.FAILED, job.id)
-        return _post(ctx, job, owner=owner, ambiguous=ambiguous)
+        return _post(ctx, job, owner=owner, ambiguous=ambiguous, probing=circuit == "probing")
 
 
-def _admitted(ctx: StepContext, job: StoredJob) -> StepResult | None:
+def _admitted(ctx: StepContext, job: StoredJob) -> tuple[StepResult | None, Circuit]:
     """None when the job may be submitted now; else what holds it back (it waits in the job
-    store for a slot or for the circuit, or its submit comes back after a cooldown)."""
+    store for a slot or for the circuit, or its submit comes back after a cooldown). And
+    the account circuit as it was seen."""
     adm = ctx.handoff.admission
-    circuit = adm.circuit()
+    # The circuit and the 429 cooldown in one round trip: both are asked on every submit.
+    circuit, cooldown_ms = adm.gate()
     if circuit == "open":
-        return _wait(ctx, job, "paused", front=adm.release(job.id, job.record.request))
+        return _wait(ctx, job, "paused", front=adm.release(job.id, job.record.request)), circuit
     if (adm.enabled or circuit == "probing") and not adm.holds_slot(job.id):
-        return _wait(ctx, job, "slot", front=False)
+        return _wait(ctx, job, "slot", front=False), circuit
     # The account is usable and the job may go: but not during a 429 cooldown, and not
     # faster than the fleet's submit rate.
-    wait_ms = adm.cooldown_ms() or adm.take_token()
+    wait_ms = cooldown_ms or adm.take_token()
     if wait_ms > 0:
         after = ctx.handoff.handoff(job, TASK_SUBMIT, countdown=wait_ms / 1000.0)
-        return StepResult(Outcome.RETRY if after else Outcome.LOST_RACE, job.id)
-    return None
+        return StepResult(Outcome.RETRY if after else Outcome.LOST_RACE, job.id), circuit
+    return None, circuit
 
 
 def _wait(ctx: StepContext, job: StoredJob, reason: str, *, front: bool) -> StepResult:
@@ -104,7 +107,11 @@ def _wait(ctx: StepContext, job: StoredJob, reason: str, *, front: bool) -> Step
     return StepResult(Outcome.WAITING, job.id)
 
 
-def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> StepResult:
+def _post(
+    ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool, probing: bool
+) -> StepResult:
+    """Claim the job, POST it, record the answer. ``probing``: the account circuit was
+    half-open when this submit was let through (it is the probe)."""
     # This process POSTed for this job before, and only writing the answer failed (Redis
     # went away): record that answer instead of POSTing (and paying) again.
     remembered = ctx.unrecorded.get(job.id)
@@ -152,7 +159,12 @@ def _post(ctx: StepContext, job: StoredJob, *, owner: str, ambiguous: bool) -> S
             metrics.UPSTREAM_CALLS.labels("submit", call_outcome(exc)).inc()
             return _failed(ctx, claimed, exc)
         metrics.UPSTREAM_CALLS.labels("submit", "ok").inc()
-        ctx.handoff.admission.submitted()  # a half-open circuit closes
+        if probing:
+            # The probe went through: the half-open circuit closes. A submit let through
+            # while the circuit was closed asks nothing (one round trip less per job): if
+            # the circuit opened meanwhile, it was for an account error newer than this
+            # POST's acceptance, so it stays open until its own probe.
+            ctx.handoff.admission.submitted()
     try:
         return _record(ctx, job, claimed, request_id, owner=owner)
     except Exception:

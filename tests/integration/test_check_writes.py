@@ -9,7 +9,7 @@ import redis
 from api_contracts.jobs import JobRequest, JobStatus
 from worker.constants import DUE_KEY
 from worker.jobs.memory import InMemoryJobStore
-from worker.jobs.runtimes import RedisRuntimes, bucket_of
+from worker.jobs.runtimes import RedisRuntimes, Samples, bucket_of, read, teach
 from worker.jobs.state import JobChange, Outbox, StoredJob, is_check_only
 from worker.jobs.store import JobStore, RedisJobStore, events_channel, job_key
 
@@ -126,3 +126,17 @@ def test_learned_run_times_turn_over_by_window(redis_client: redis.Redis) -> Non
     sketch = book.sketch("m|1x1|set")
     assert sketch is not None and dict(sketch.counts) == {bucket_of(50.0): 14}
     assert redis_client.ttl("rcw:runtimes:m|1x1|set:old") > 0
+
+
+def test_a_kind_learns_its_total_and_run_times_apart(redis_client: redis.Redis) -> None:
+    book = RedisRuntimes(redis_client, window=10)
+    teach(book, "m|1x1|set", Samples(total_s=30.0, run_s=25.0))
+    teach(book, "m|1x1|set", Samples(total_s=40.0, total_early=True))
+    learned = read(book, "m|1x1|set")
+    assert learned.total is not None and dict(learned.total.counts) == {
+        bucket_of(30.0): 1,
+        bucket_of(40.0): 1,
+    }
+    assert learned.total.early == 1
+    assert learned.run is not None and dict(learned.run.counts) == {bucket_of(25.0): 1}
+    assert redis_client.exists("rcw:runtimes:m|1x1|set:cur", "rcw:runtimes:m|1x1|set|run:cur") == 2

@@ -259,3 +259,29 @@ def test_run_sigma_spreads_run_times_lognormally_around_run_s() -> None:
     assert times[1900] / times[1000] == pytest.approx(math.exp(0.3 * 1.645), rel=0.1)
     again = Emulator(EmulatorConfig(run_s=10.0, run_sigma=0.3, seed=4), "http://e")
     assert [again._run_time(again._config) for _ in range(3)] == drawn[:3]  # seeded
+
+
+def test_queue_extra_s_adds_exponential_waits_and_starts_requests_as_they_end() -> None:
+    emu, clock = make(queue_s=1.0, queue_extra_s=5.0, capacity=1000, seed=7)
+    ids = [submit(emu) for _ in range(400)]
+    clock.now += 10_000.0
+    timelines = emu.timelines()
+    waits = sorted(start - submitted for submitted, start, _ in map(timelines.get, ids))
+    assert waits[0] >= 1.0  # never under queue_s
+    assert sum(waits) / len(waits) == pytest.approx(6.0, rel=0.15)  # queue_s + mean 5 s
+    assert waits[len(waits) // 2] == pytest.approx(1.0 + 5.0 * math.log(2), rel=0.2)  # median
+    # Nobody waits behind a longer wait: each request starts when its own wait ends.
+    assert all(
+        start == pytest.approx(submitted + request.queue_s)
+        for request in emu._scheduler.all()
+        for submitted, start in [(request.submitted_at, request.started_at)]
+    )
+
+
+def test_queue_position_counts_requests_whose_wait_ends_first() -> None:
+    emu, _ = make(queue_s=2.0, capacity=1)
+    first = submit(emu)
+    emu.update_config(queue_s=0.5)
+    second = submit(emu)  # its wait ends before the first one's: it is ahead
+    assert status_of(emu, second)["queue_position"] == 0
+    assert status_of(emu, first)["queue_position"] == 1

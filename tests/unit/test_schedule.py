@@ -13,12 +13,16 @@ from api_contracts.jobs import JobStatus
 from api_contracts.upstream import StatusResponse
 from worker.jobs import decisions as d
 from worker.jobs.runtimes import (
+    Learned,
     MemoryRuntimes,
     NoRuntimes,
+    Samples,
     Sketch,
     bucket_of,
     bucket_value,
+    read,
     runtime_kind,
+    teach,
 )
 from worker.settings import PollSettings
 
@@ -33,6 +37,11 @@ def lognormal(n: int, median: float = 25.0, sigma: float = 0.3, seed: int = 1) -
 
 
 SKETCH = Sketch.from_samples(lognormal(400))
+#: The same run times for both: a job that never waits in upstream's queue.
+BOTH = Learned(total=SKETCH, run=SKETCH)
+#: Queue waits make the total (submit → done) longer than the run (start → done).
+TOTAL = Sketch.from_samples(lognormal(400, median=40.0))
+APART = Learned(total=TOTAL, run=SKETCH)
 
 
 # ------------------------------------------------------------------------------ the sketch
@@ -140,18 +149,58 @@ Q_LOW = SKETCH.quantile(QUANTILE)
     ],
 )
 def test_next_check(status: JobStatus, seen: d.Observed, expected: float, learned: bool) -> None:
-    countdown, was_learned = d.next_check(status, seen, SKETCH, POLL, jitter=0.0)
+    countdown, was_learned = d.next_check(status, seen, BOTH, POLL, jitter=0.0)
     assert countdown == pytest.approx(expected, rel=1e-3)
     assert was_learned is learned
+
+
+T_LOW = TOTAL.quantile(QUANTILE)
+
+
+@pytest.mark.parametrize(
+    ("status", "seen", "learned", "expected", "planned"),
+    [
+        # never seen queued: its queue wait is unseen, so the total plans
+        (RUNNING, d.Observed(2.0, 0.0, 2.0), APART, T_LOW - 2.0, True),
+        # queued, or seen queued: its run is ahead, so the run time plans
+        (QUEUED, d.Observed(30.0, 30.0, None), APART, Q_LOW, True),
+        (
+            RUNNING,
+            d.Observed(35.0, 30.0, 35.0),
+            APART,
+            SKETCH.quantile_spread(QUANTILE, 5) - 5,
+            True,
+        ),
+        # the sketch that would plan is not known yet: the 10 % rule
+        (RUNNING, d.Observed(2.0, 0.0, 2.0), Learned(run=SKETCH), 1.0, False),
+        (QUEUED, d.Observed(30.0, 30.0, None), Learned(total=TOTAL), 3.0, False),
+        (RUNNING, d.Observed(35.0, 30.0, 35.0), Learned(total=TOTAL), 3.5, False),
+    ],
+)
+def test_next_check_plans_with_the_total_or_the_run(
+    status: JobStatus, seen: d.Observed, learned: Learned, expected: float, planned: bool
+) -> None:
+    countdown, was_learned = d.next_check(status, seen, learned, POLL, jitter=0.0)
+    assert countdown == pytest.approx(expected, rel=1e-3)
+    assert was_learned is planned
 
 
 def test_next_check_never_waits_less_than_the_ten_percent_rule() -> None:
     for elapsed in (1.0, 5.0, 12.0, 20.0, 40.0, 200.0):
         for status in (RUNNING, QUEUED):
             seen = d.Observed(elapsed, 0.0 if status == RUNNING else elapsed, None)
-            countdown, _ = d.next_check(status, seen, SKETCH, POLL, jitter=0.3)
+            countdown, _ = d.next_check(status, seen, BOTH, POLL, jitter=0.3)
             assert countdown >= d.poll_interval(elapsed, POLL, 0.3) - 1e-9
             assert countdown <= max(POLL.max_interval_s, SKETCH.quantile(QUANTILE))
+
+
+def test_a_learned_kind_shortens_the_rule_less() -> None:
+    seen = d.Observed(50.0, 0.0, 14.0)  # past the plan: the 10 % rule
+    cold, _ = d.next_check(RUNNING, seen, Learned(), POLL, jitter=0.999)
+    learned, _ = d.next_check(RUNNING, seen, BOTH, POLL, jitter=0.999)
+    assert cold == pytest.approx(5.0 * 0.9, rel=1e-3)  # up to 10 % shorter
+    assert learned == pytest.approx(5.0 * 0.98, rel=1e-3)  # up to 2 % shorter
+    assert learned <= 5.0  # never longer than the rule
 
 
 def test_observed_marks_the_queue_and_the_start() -> None:
@@ -164,15 +213,43 @@ def test_observed_marks_the_queue_and_the_start() -> None:
 
 
 @pytest.mark.parametrize(
-    ("seen", "previous", "sample"),
+    ("seen", "previous", "total", "run"),
     [
-        (d.Observed(26.0, 0.0, 14.0), 24.0, 25.0),  # never queued: counts from the submit
-        (d.Observed(40.0, 10.0, 14.0), 38.0, 39.0 - 12.0),  # started in (10, 14]
-        (d.Observed(30.0, 10.0, 30.0), 10.0, None),  # queued → done: run time unknown
+        # never seen queued, first seen running at 14 s: its start, anywhere in (0, 14], is
+        # too vague for a ~18 s run time (a queue wait may hide in it); the total is known
+        (d.Observed(26.0, 0.0, 14.0), 24.0, 25.0, None),
+        # ... seen running at 1 s: started in (0, 1]
+        (d.Observed(26.0, 0.0, 1.0), 24.0, 25.0, 24.5),
+        (d.Observed(40.0, 10.0, 14.0), 38.0, 39.0, 39.0 - 12.0),  # started in (10, 14]
+        (d.Observed(30.0, 10.0, 30.0), 10.0, 20.0, None),  # queued → done: run time unknown
+        (d.Observed(9.0, 0.0, 9.0), 0.0, 4.5, None),  # done at the first check
     ],
 )
-def test_runtime_sample(seen: d.Observed, previous: float, sample: float | None) -> None:
-    assert d.runtime_sample(seen, previous) == (None if sample is None else pytest.approx(sample))
+def test_learned_samples(
+    seen: d.Observed, previous: float, total: float, run: float | None
+) -> None:
+    samples = d.learned_samples(seen, previous, POLL)
+    assert samples.total_s == pytest.approx(total)
+    assert samples.run_s == (None if run is None else pytest.approx(run))
+
+
+def test_found_early_counts_on_the_sketch_that_planned() -> None:
+    never_queued = d.learned_samples(d.Observed(14.0, 0.0, 14.0), 0.0, POLL)
+    assert (never_queued.total_early, never_queued.run_early) == (True, False)
+    queued = d.learned_samples(d.Observed(40.0, 10.0, 14.0), 20.0, POLL)  # 20 s → 40 s
+    assert (queued.total_early, queued.run_early) == (False, True)
+    ruled = d.learned_samples(d.Observed(27.5, 0.0, 14.0), 25.0, POLL)
+    assert not (ruled.total_early or ruled.run_early)
+
+
+def test_teach_feeds_both_sketches_of_a_kind() -> None:
+    book = MemoryRuntimes()
+    teach(book, "k", Samples(total_s=30.0, run_s=25.0, run_early=True))
+    teach(book, "k", Samples(total_s=31.0))
+    learned = read(book, "k")
+    assert learned.total is not None and learned.total.total == 2 and learned.total.early == 0
+    assert learned.run is not None and learned.run.total == 1 and learned.run.early == 1
+    assert read(book, "other") == Learned()
 
 
 def test_found_early_only_after_a_learned_jump() -> None:
@@ -194,7 +271,7 @@ def test_decide_poll_uses_the_sketch_for_running_jobs() -> None:
         poll=POLL,
         jitter=0.0,
         seen=seen,
-        sketch=SKETCH,
+        learned=BOTH,
     )
     assert isinstance(decision, d.Reschedule) and decision.learned
     assert decision.countdown == pytest.approx(Q_LOW - 2.0)
@@ -211,10 +288,10 @@ def test_many_jobs_fewer_calls_within_the_bound_at_p95() -> None:
     learned_calls = rule_calls = 0
     late = []
     for runtime, queue in zip(runtimes, queues, strict=True):
-        run = d.follow_schedule(runtime, queue, SKETCH, POLL, rng.random)
+        run = d.follow_schedule(runtime, queue, BOTH, POLL, rng.random)
         learned_calls += run.calls
         late.append(run.delay_s / max(1.0, 0.1 * (queue + runtime)))
-        rule_calls += d.follow_schedule(runtime, queue, None, POLL, rng.random).calls
+        rule_calls += d.follow_schedule(runtime, queue, Learned(), POLL, rng.random).calls
     late.sort()
     assert late[int(0.95 * len(late))] <= 1.0  # p95 of delay / max(1 s, 10 % of run time)
     assert sum(x > 1.0 for x in late) / len(late) < 0.05
@@ -224,9 +301,9 @@ def test_many_jobs_fewer_calls_within_the_bound_at_p95() -> None:
 def test_a_job_much_slower_than_learned_stays_within_ten_percent() -> None:
     rng = random.Random(1)
     for runtime in (80.0, 150.0, 400.0):
-        run = d.follow_schedule(runtime, 0.5, SKETCH, POLL, rng.random)
+        run = d.follow_schedule(runtime, 0.5, BOTH, POLL, rng.random)
         assert run.delay_s <= max(1.0, 0.1 * (runtime + 0.5))
-        assert not run.early
+        assert not (run.samples.total_early or run.samples.run_early)
 
 
 def test_learning_from_the_schedule_itself_converges() -> None:
@@ -235,23 +312,26 @@ def test_learning_from_the_schedule_itself_converges() -> None:
     rng = random.Random(5)
     book = MemoryRuntimes(window=500)
     for runtime in lognormal(300, seed=9):
-        run = d.follow_schedule(runtime, 0.0, book.sketch("k"), POLL, rng.random)
-        if run.sample_s is not None:
-            book.learn("k", run.sample_s, early=run.early)
-    sketch = book.sketch("k")
-    assert sketch is not None and sketch.quantile(0.5) == pytest.approx(25.0, rel=0.05)
+        run = d.follow_schedule(runtime, 0.0, read(book, "k"), POLL, rng.random)
+        teach(book, "k", run.samples)
+    learned = read(book, "k")
+    assert learned.total is not None and learned.total.quantile(0.5) == pytest.approx(
+        25.0, rel=0.05
+    )
+    # run times are learned from the cold start's checks (a start known within 1 s) only
+    assert learned.run is not None and 50 <= learned.run.total < 100
+    assert learned.run.quantile(0.5) == pytest.approx(25.0, rel=0.1)
 
     queued = MemoryRuntimes(window=500)
     late, calls, rule_calls = [], 0, 0
     for i, runtime in enumerate(lognormal(1200, seed=11)):
         queue = rng.expovariate(1 / 5.0)
-        run = d.follow_schedule(runtime, queue, queued.sketch("k"), POLL, rng.random)
-        if run.sample_s is not None:
-            queued.learn("k", run.sample_s, early=run.early)
+        run = d.follow_schedule(runtime, queue, read(queued, "k"), POLL, rng.random)
+        teach(queued, "k", run.samples)
         if i >= 200:  # after the warm-up
             late.append(run.delay_s / max(1.0, 0.1 * (queue + runtime)))
             calls += run.calls
-            rule_calls += d.follow_schedule(runtime, queue, None, POLL, rng.random).calls
+            rule_calls += d.follow_schedule(runtime, queue, Learned(), POLL, rng.random).calls
     late.sort()
     assert late[int(0.95 * len(late))] <= 1.0
     assert calls < 0.45 * rule_calls

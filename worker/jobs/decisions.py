@@ -26,7 +26,7 @@ from worker.errors import (
     UpstreamExpiredError,
     UpstreamProtocolError,
 )
-from worker.jobs.runtimes import Sketch
+from worker.jobs.runtimes import Learned, Samples, Sketch
 from worker.settings import PollSettings
 
 #: Consecutive malformed status answers tolerated before the job fails.
@@ -40,6 +40,13 @@ MAX_ARCHIVE_ATTEMPTS: Final = 10
 #: Backoff bounds for transient errors.
 BACKOFF_BASE_S: Final = 1.0
 BACKOFF_CAP_S: Final = 60.0
+#: On a learned kind, the 10 % rule's jitter shortens an interval by up to 2 %, not 10 %:
+#: every shortening is a check the bound did not need (10 % costs about 5 % more checks),
+#: and the learned first check already spreads jobs submitted together.
+LEARNED_JITTER_SHARE: Final = 0.2
+#: A job never seen queued teaches its run time only if the first check that saw it running
+#: came within this share of that run time after the submit (its start is known closely).
+START_SPREAD_SHARE: Final = 0.25
 
 
 @dataclass(frozen=True)
@@ -182,8 +189,9 @@ def learned_sketch(sketch: Sketch | None, poll: PollSettings) -> Sketch | None:
 
 def first_check(sketch: Sketch | None, poll: PollSettings) -> tuple[float, bool]:
     """Countdown from submit to the first status check, and whether it is learned: when
-    ``learn_quantile`` of earlier jobs of the kind would have finished (never before
-    ``initial_delay_s``); with no usable sketch, ``initial_delay_s``."""
+    ``learn_quantile`` of earlier jobs of the kind had finished (``sketch``: their total
+    times, submit → done; never before ``initial_delay_s``); with no usable sketch,
+    ``initial_delay_s``."""
     usable = learned_sketch(sketch, poll)
     if usable is None:
         return poll.initial_delay_s, False
@@ -194,53 +202,74 @@ def first_check(sketch: Sketch | None, poll: PollSettings) -> tuple[float, bool]
 
 
 def next_check(
-    status: JobStatus, seen: Observed, sketch: Sketch | None, poll: PollSettings, jitter: float
+    status: JobStatus, seen: Observed, learned: Learned, poll: PollSettings, jitter: float
 ) -> tuple[float, bool]:
     """Countdown to the next status check of a job still ``status`` (in_queue/in_progress)
-    after the checks in ``seen``, and whether it comes from learned run times.
+    after the checks in ``seen``, and whether it comes from learned timings.
 
     The 10 % rule (:func:`poll_interval`) is the floor: a job is never checked later than it
-    would allow *unless* the sketch says it almost surely cannot have finished yet:
+    would allow *unless* what was learned says it almost surely cannot have finished yet:
 
     * ``in_queue``: it has not started, so it cannot finish before now + its run time: the
       next check waits the run time's ``learn_quantile`` (the queue shifts the plan along);
-    * running: it finishes at start + run time, its start within ``seen.start_spread``: the
-      next check waits until the ``learn_quantile`` of that; past it, the 10 % rule.
+    * running, seen queued before: it finishes at start + run time, its start within
+      ``seen.start_spread`` after it was last seen queued: the next check waits until the
+      ``learn_quantile`` of that;
+    * running, never seen queued: it finishes at submit + total time (queue wait included,
+      unseen): the next check waits until the total's ``learn_quantile``;
 
-    So only jobs faster than that quantile (about ``learn_quantile`` of them) can be seen
-    later than 10 % of their run time; slow ones, however far from the learned
-    distribution, are on the 10 % rule. ``max_interval_s`` caps the rule, not a learned
-    wait: a 10 min generation is not looked at every 30 s for its first 6 minutes."""
-    fallback = poll_interval(seen.elapsed_s, poll, jitter)
-    usable = learned_sketch(sketch, poll)
-    if usable is None:
-        return fallback, False
-    if status == JobStatus.IN_QUEUE:
-        planned = usable.quantile(poll.learn_quantile)
-    else:
-        anchor = seen.queued_s
-        earliest = usable.quantile(poll.learn_quantile) + seen.start_spread
-        if anchor + earliest <= seen.elapsed_s:
-            return fallback, False  # past the plan: no need for the finer quantile
-        planned = anchor + usable.quantile_spread(poll.learn_quantile, seen.start_spread)
-        planned -= seen.elapsed_s
-    if planned <= fallback:
+    past that plan, the 10 % rule. So only jobs faster than that quantile (about
+    ``learn_quantile`` of them) can be seen later than 10 % of their run time; slow ones,
+    however far from the learned distribution, are on the 10 % rule. ``max_interval_s`` caps
+    the rule, not a learned wait: a 10 min generation is not looked at every 30 s for its
+    first 6 minutes. On a learned kind the rule's jitter is narrower
+    (:data:`LEARNED_JITTER_SHARE`)."""
+    total = learned_sketch(learned.total, poll)
+    run = learned_sketch(learned.run, poll)
+    if total is None and run is None:
+        return poll_interval(seen.elapsed_s, poll, jitter), False
+    fallback = poll_interval(seen.elapsed_s, poll, jitter * LEARNED_JITTER_SHARE)
+    planned = _planned(status, seen, total, run, poll.learn_quantile)
+    if planned is None or planned <= fallback:
         return fallback, False
     return planned, True
 
 
-def runtime_sample(seen: Observed, previous_check_s: float) -> float | None:
-    """A finished job's run time for the sketch: it finished between the previous check
-    and this one (take the middle) and started at 0 if never seen queued, else in the middle
-    of ``(queued_s, started_s]``: the same anchor :func:`next_check` plans from. None when
-    it was seen queued and then finished, never running: its run time is unknown."""
+def _planned(
+    status: JobStatus, seen: Observed, total: Sketch | None, run: Sketch | None, q: float
+) -> float | None:
+    """The learned wait of :func:`next_check` (None: no plan, or past it)."""
+    if status == JobStatus.IN_QUEUE:
+        return None if run is None else run.quantile(q)
+    if seen.queued_s <= 0:
+        return None if total is None else total.quantile(q) - seen.elapsed_s
+    if run is None or seen.queued_s + run.quantile(q) + seen.start_spread <= seen.elapsed_s:
+        return None  # past the plan: no need for the finer quantile
+    return seen.queued_s + run.quantile_spread(q, seen.start_spread) - seen.elapsed_s
+
+
+def learned_samples(seen: Observed, previous_check_s: float, poll: PollSettings) -> Samples:
+    """What a finished job teaches its kind (:func:`worker.jobs.runtimes.teach`): it finished
+    between the previous check and this one (take the middle), which is its total time. Its
+    run time: from the middle of ``(queued_s, started_s]`` (the anchor :func:`next_check`
+    plans from) if it was seen queued; if not, from the middle of ``(0, started_s]`` when the
+    first check that saw it running came within :data:`START_SPREAD_SHARE` of that run time;
+    else unknown (None), as for a job seen queued and then finished, never running.
+    ``early`` goes to the sketch that planned the last wait."""
     finished = (max(0.0, previous_check_s) + seen.elapsed_s) / 2
-    started = 0.0
-    if seen.queued_s > 0:
-        if seen.started_s is None or seen.started_s >= seen.elapsed_s:
-            return None
-        started = (seen.queued_s + seen.started_s) / 2
-    return max(0.05, finished - started)
+    run_s = None
+    if seen.started_s is not None and seen.started_s < seen.elapsed_s:
+        run_s = max(0.05, finished - (seen.queued_s + seen.started_s) / 2)
+        if seen.queued_s <= 0 and seen.started_s > START_SPREAD_SHARE * run_s:
+            run_s = None
+    early = found_early(seen, previous_check_s, poll)
+    queued = seen.queued_s > 0
+    return Samples(
+        total_s=max(0.05, finished),
+        run_s=run_s,
+        total_early=early and not queued,
+        run_early=early and queued,
+    )
 
 
 def found_early(seen: Observed, previous_check_s: float, poll: PollSettings) -> bool:
@@ -260,16 +289,14 @@ class ScheduleRun:
 
     calls: int
     delay_s: float
-    #: the run time the poll step would learn from it (None: unknown), and whether it was
-    #: found early
-    sample_s: float | None
-    early: bool
+    #: what the poll step would teach its kind
+    samples: Samples
 
 
 def follow_schedule(
     runtime_s: float,
     queue_s: float,
-    sketch: Sketch | None,
+    learned: Learned,
     poll: PollSettings,
     jitter: Callable[[], float],
 ) -> ScheduleRun:
@@ -277,7 +304,7 @@ def follow_schedule(
     then runs ``runtime_s``: its status calls, detection delay and learned sample. The same
     functions the poll step calls, with no deadline and no errors (benchmarks, tests)."""
     done_at = queue_s + runtime_s
-    countdown, _ = first_check(sketch, poll)
+    countdown, _ = first_check(learned.total, poll)
     seen, previous = Observed(countdown), 0.0
     for calls in range(1, 1_000_000):
         status = "completed" if seen.elapsed_s >= done_at else "in_progress"
@@ -286,13 +313,10 @@ def follow_schedule(
         seen = seen.seen(status)
         if status == "completed":
             return ScheduleRun(
-                calls,
-                seen.elapsed_s - done_at,
-                runtime_sample(seen, previous),
-                found_early(seen, previous, poll),
+                calls, seen.elapsed_s - done_at, learned_samples(seen, previous, poll)
             )
         job_status = JobStatus.IN_QUEUE if status == "in_queue" else JobStatus.IN_PROGRESS
-        countdown, _ = next_check(job_status, seen, sketch, poll, jitter())
+        countdown, _ = next_check(job_status, seen, learned, poll, jitter())
         previous = seen.elapsed_s
         seen = Observed(seen.elapsed_s + countdown, seen.queued_s, seen.started_s)
     raise RuntimeError("the schedule never reached the end of the job")
@@ -309,7 +333,7 @@ def decide_poll(
     poll: PollSettings,
     jitter: float,
     seen: Observed | None = None,
-    sketch: Sketch | None = None,
+    learned: Learned | None = None,
 ) -> PollDecision:
     """Next step of the poll loop.
 
@@ -317,7 +341,7 @@ def decide_poll(
     answer or the error the client raised; ``elapsed_s``: since upstream accepted the request;
     ``age_s``: since the job was created; ``error_streak``: consecutive failed checks before
     this one; ``seen``: the checks so far, this one's answer included (:meth:`Observed.seen`;
-    default: only ``elapsed_s``); ``sketch``: learned run times of the job's kind, which
+    default: only ``elapsed_s``); ``learned``: timings learned of the job's kind, which
     stretch the waits while it cannot have finished yet (:func:`next_check`).
 
     Upstream saying the request id does not exist or expired (UpstreamExpiredError) ends the
@@ -346,20 +370,21 @@ def decide_poll(
     if isinstance(answer, StatusResponse):
         new_status = JobStatus.IN_QUEUE if answer.status == "in_queue" else JobStatus.IN_PROGRESS
         seen = seen or Observed(elapsed_s)
+        learned = learned or Learned()
         if status == JobStatus.IN_PROGRESS and new_status == JobStatus.IN_QUEUE:
             # Upstream re-queued a started request: a job never goes backwards, so it stays
             # in_progress (and keeps being polled) until upstream moves on.
-            wait, learned = next_check(JobStatus.IN_QUEUE, seen, sketch, poll, jitter)
+            wait, planned = next_check(JobStatus.IN_QUEUE, seen, learned, poll, jitter)
             return Reschedule(
-                countdown=min(remaining, wait), reason="requeued_upstream", learned=learned
+                countdown=min(remaining, wait), reason="requeued_upstream", learned=planned
             )
-        wait, learned = next_check(new_status, seen, sketch, poll, jitter)
+        wait, planned = next_check(new_status, seen, learned, poll, jitter)
         return Reschedule(
             countdown=min(remaining, wait),
             reason=answer.status,
             status=new_status,
             queue_position=answer.queue_position if answer.status == "in_queue" else None,
-            learned=learned,
+            learned=planned,
         )
     if isinstance(answer, PermanentUpstreamError):
         return Fail(

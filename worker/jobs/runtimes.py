@@ -1,8 +1,20 @@
 """How long generations take: a small learned sketch per (model, size, force_single).
 
 The status schedule (:func:`worker.jobs.decisions.next_check`) checks less when it knows
-when a generation will finish. Every job that upstream completes adds one sample (its
-estimated run time, :func:`worker.jobs.decisions.runtime_sample`) to the sketch of its kind:
+when a generation will finish. Each kind has two sketches (:class:`Learned`), fed by every
+job that upstream completes (:func:`worker.jobs.decisions.learned_samples`):
+
+* **total**: from the submit to done, queue wait included: what the first check, and every
+  check of a job never seen ``in_queue``, plans with. Every finished job adds one sample.
+* **run**: from the start to done: what the checks of a job seen ``in_queue`` plan with (it
+  has not started; its run is still ahead). Only jobs whose start is known add one: seen
+  queued and then running, or running at a check soon after the submit.
+
+Keeping them apart keeps each one true to what it plans: a run-time sample that includes a
+queue wait nobody saw would move the first check of every job (and more of them would be
+late), and a total that excludes it would put it earlier (more checks).
+
+Each sketch is:
 
 * **buckets**: fixed, log-spaced (each 5 % wider than the one before, from 0.1 s), so a
   sample is one ``HINCRBY`` of a small integer field and quantiles are accurate to ~2.5 %;
@@ -15,8 +27,9 @@ estimated run time, :func:`worker.jobs.decisions.runtime_sample`) to the sketch 
   ``POLL_LEARN_QUANTILE`` (upstream suddenly got faster), the schedule stops trusting the
   sketch until the window has moved on.
 
-Keys: ``rcw:runtimes:<model>|<W>x<H>|<single|set>:cur`` and ``…:old`` (fields: bucket index →
-count, ``n``, ``early``), written only by ``scripts/learn.lua``; both expire after
+Keys: ``rcw:runtimes:<model>|<W>x<H>|<single|set>:cur`` and ``…:old`` for the total,
+``rcw:runtimes:<model>|<W>x<H>|<single|set>|run:cur`` and ``…:old`` for the run (fields:
+bucket index → count, ``n``, ``early``), written only by ``scripts/learn.lua``; all expire after
 :data:`SKETCH_TTL_S` without samples. Workers cache what they read for
 :data:`CACHE_S`: one read per kind per worker every few seconds, never one per check.
 """
@@ -50,6 +63,8 @@ CACHE_S: Final = 10.0
 LEARNING_CACHE_S: Final = 1.0
 #: A kind with no new sample for this long is forgotten.
 SKETCH_TTL_S: Final = 7 * 24 * 3600
+#: A kind's run-time sketch is learned under the kind's name plus this.
+RUN_SUFFIX: Final = "|run"
 
 _LOG_GROWTH: Final = math.log(BUCKET_GROWTH)
 
@@ -158,6 +173,29 @@ class Sketch:
         return high
 
 
+@dataclass(frozen=True)
+class Learned:
+    """What is known of a kind's timings (None: nothing yet)."""
+
+    #: submit → done, queue wait included
+    total: Sketch | None = None
+    #: start → done
+    run: Sketch | None = None
+
+
+@dataclass(frozen=True)
+class Samples:
+    """What one finished job teaches its kind (:func:`teach`)."""
+
+    total_s: float
+    #: None when its start is not known closely enough
+    run_s: float | None = None
+    #: found finished at a check the learned schedule had pushed late: counted on the sketch
+    #: that planned that check (the run's for a job seen queued, else the total's)
+    total_early: bool = False
+    run_early: bool = False
+
+
 class RuntimeBook(Protocol):
     """Where run times are learned and read."""
 
@@ -264,3 +302,15 @@ def _key(kind: str, generation: str) -> str:
 
 def _text(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
     return {as_text(k): as_text(v) for k, v in raw.items()}
+
+
+def read(book: RuntimeBook, kind: str) -> Learned:
+    """Both sketches of ``kind``."""
+    return Learned(book.sketch(kind), book.sketch(kind + RUN_SUFFIX))
+
+
+def teach(book: RuntimeBook, kind: str, samples: Samples) -> None:
+    """Add one finished job's samples to ``kind``'s sketches."""
+    book.learn(kind, samples.total_s, early=samples.total_early)
+    if samples.run_s is not None:
+        book.learn(kind + RUN_SUFFIX, samples.run_s, early=samples.run_early)

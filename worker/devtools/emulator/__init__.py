@@ -10,6 +10,10 @@ reproducible fault injection; and private admin endpoints under ``/_emulator/``.
         emu.base_url   # "http://127.0.0.1:PORT"
         emu.counters()
 
+Benchmarks that need many requests in flight register them without a submit each:
+``emu.emulator.seed(request_ids, run_s=…)`` (the in-process :class:`Emulator`), already
+``in_progress``.
+
 Account protection, all off by default (``EmulatorConfig`` field / ``runcomfy-worker emulator``
 flag). Limits are per Bearer token; counters name a token by ``token_key(token)``, a short
 SHA-256 fingerprint, never the token itself.

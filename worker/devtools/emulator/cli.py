@@ -73,6 +73,13 @@ def _parse_rates(values: tuple[str, ...]) -> dict[str, float]:
 @click.option(
     "--queue-s", type=click.FloatRange(min=0), default=_DEFAULTS.queue_s, show_default=True
 )
+@click.option(
+    "--queue-extra-s",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS.queue_extra_s,
+    show_default=True,
+    help="Mean of an exponential wait added to each request's --queue-s (shared upstream queue).",
+)
 @click.option("--run-s", type=click.FloatRange(min=0), default=_DEFAULTS.run_s, show_default=True)
 @click.option(
     "--run-sigma",
@@ -184,6 +191,7 @@ def emulator_command(
     port: int,
     token: str | None,
     queue_s: float,
+    queue_extra_s: float,
     run_s: float,
     run_sigma: float,
     capacity: int,
@@ -208,6 +216,7 @@ def emulator_command(
         config = EmulatorConfig(
             token=token or None,
             queue_s=queue_s,
+            queue_extra_s=queue_extra_s,
             run_s=run_s,
             run_sigma=run_sigma,
             capacity=capacity,

@@ -24,6 +24,13 @@ class EmulatorConfig(BaseModel):
         default=(DEFAULT_MODEL_ID,), min_length=1, description="Model ids that exist (else 404)."
     )
     queue_s: float = Field(default=0.5, ge=0, description="Minimum time a request is in_queue.")
+    queue_extra_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Mean of an exponential wait added to each request's queue_s (seeded by "
+        "seed): other customers' requests ahead in upstream's shared queue. Requests then "
+        "start in the order their waits end. 0: every request waits exactly queue_s.",
+    )
     run_s: float = Field(default=3.0, ge=0, description="Time a request is in_progress.")
     run_sigma: float = Field(
         default=0.0,

@@ -148,6 +148,13 @@ class Emulator:
         self._responses: Counter[str] = Counter()
         self._clear_account_state()
 
+    def _queue_time(self, config: EmulatorConfig) -> float:
+        """How long a new request waits at least: queue_s, plus an exponential extra wait of
+        mean queue_extra_s."""
+        if config.queue_extra_s <= 0:
+            return config.queue_s
+        return config.queue_s + self._runtimes.expovariate(1.0 / config.queue_extra_s)
+
     def _run_time(self, config: EmulatorConfig) -> float:
         """How long a new request runs: run_s, spread lognormally by run_sigma."""
         if config.run_sigma <= 0:
@@ -239,6 +246,68 @@ class Emulator:
             self._faults.clear()
             self._responses.clear()
             self._clear_account_state()
+
+    def seed(
+        self,
+        request_ids: Iterable[str],
+        *,
+        run_s: float | None = None,
+        started_s_ago: float = 0.0,
+        token: str | None = None,
+    ) -> int:
+        """Pre-register requests as if they had been submitted and started earlier, without
+        a submit call each (benchmarks hold many jobs in flight this way); returns how many.
+
+        Each is ``in_progress`` from ``started_s_ago`` seconds ago and runs ``run_s``
+        (default: the configured run time, spread by ``run_sigma``): one 1024x1024 image of
+        the first configured model, owned by ``token`` (default: the configured one). They
+        skip the waiting line and ``capacity`` (they are running already, and hold their
+        slots until they end) and count towards ``max_concurrent`` like submitted ones; no
+        call is counted, nothing is charged, no fault is drawn. An id that is repeated or
+        already known raises ValueError, and nothing is seeded."""
+        ids = list(request_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids to seed must be distinct")
+        if run_s is not None and (not math.isfinite(run_s) or run_s < 0):
+            raise ValueError(f"run_s must be a finite number >= 0, got {run_s!r}")
+        if not math.isfinite(started_s_ago) or started_s_ago < 0:
+            raise ValueError(f"started_s_ago must be a finite number >= 0, got {started_s_ago!r}")
+        with self._lock:
+            now = self._clock()
+            self._scheduler.advance(now, self._config.capacity)
+            known = [r for r in ids if self._scheduler.get(r) is not None]
+            if known:
+                raise ValueError(f"request ids already known: {known[:3]}")
+            config = self._config
+            key = token_key(token if token is not None else config.token or "")
+            started = now - started_s_ago
+            requests = [
+                EmulatedRequest(
+                    request_id=request_id,
+                    model_id=config.model_ids[0],
+                    width=1024,
+                    height=1024,
+                    force_single=True,
+                    submitted_at=started,
+                    queue_s=0.0,
+                    run_s=self._run_time(config) if run_s is None else run_s,
+                    images=1,
+                    videos=1 if config.video else 0,
+                    min_bytes=config.output_min_bytes,
+                    token_key=key,
+                    ttl_s=config.request_ttl_s,
+                )
+                for request_id in ids
+            ]
+            self._scheduler.add_running(requests, started)
+            self._active.setdefault(key, []).extend(requests)
+            mine = self._in_upstream(key, now)
+            total = sum(self._in_upstream(k, now) for k in self._active)
+            self._max_in_upstream_by_token[key] = max(
+                self._max_in_upstream_by_token.get(key, 0), mine
+            )
+            self._max_in_upstream = max(self._max_in_upstream, total)
+        return len(requests)
 
     @property
     def balance(self) -> float | None:
@@ -582,7 +651,7 @@ class Emulator:
             height=height,
             force_single=generation.force_single,
             submitted_at=now,
-            queue_s=config.queue_s,
+            queue_s=self._queue_time(config),
             run_s=self._run_time(config),
             images=images,
             videos=images if config.video else 0,

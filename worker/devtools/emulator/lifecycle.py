@@ -1,16 +1,19 @@
 """The emulator's queue: states computed from a clock, no background threads.
 
-Every request waits at least its ``queue_s``; then requests start strictly in submission order
-as soon as one of ``capacity`` slots is free, and run for their ``run_s``. The scheduler is
+Every request waits at least its ``queue_s``; then requests start in the order their waits end
+(submission order when every request has the same ``queue_s``) as soon as one of ``capacity``
+slots is free, and run for their ``run_s``. The scheduler is
 advanced lazily to "now" whenever someone looks, which gives the same answer a background
 loop would have reached.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -78,6 +81,10 @@ class EmulatedRequest:
         )
 
 
+def _ready_at(request: EmulatedRequest) -> float:
+    return request.ready_at
+
+
 class Scheduler:
     """Requests by id, the waiting line and the running slots."""
 
@@ -91,9 +98,23 @@ class Scheduler:
         return len(self._requests)
 
     def add(self, request: EmulatedRequest) -> None:
-        """Put a new request at the back of the line."""
+        """Put a new request in the line: behind every request whose wait ends first."""
         self._requests[request.request_id] = request
-        self._waiting.append(request)
+        if not self._waiting or self._waiting[-1].ready_at <= request.ready_at:
+            self._waiting.append(request)
+            return
+        index = bisect.bisect_right(self._waiting, request.ready_at, key=_ready_at)
+        self._waiting.insert(index, request)
+
+    def add_running(self, requests: Iterable[EmulatedRequest], started_at: float) -> None:
+        """Put requests straight into running slots, started at ``started_at`` (seeded ones:
+        no waiting line and no capacity check; they hold their slots until they end)."""
+        for request in requests:
+            request.started_at = started_at
+            request.ended_at = started_at + request.run_s
+            self._requests[request.request_id] = request
+            self._running.append(request.ended_at)
+        heapq.heapify(self._running)
 
     def get(self, request_id: str) -> EmulatedRequest | None:
         """The request with that id, if any."""

@@ -19,8 +19,9 @@ from api_contracts.inputs import GenerationInput
 from api_contracts.jobs import ArchivedOutput, OutputKind
 from api_contracts.upstream import CancelResponse, ResultResponse, StatusResponse, SubmitResponse
 from worker.errors import PermanentUpstreamError, RetryableUpstreamError, UpstreamProtocolError
+from worker.jobs import runtimes
 from worker.jobs.handoff import Handoff
-from worker.jobs.runtimes import NoRuntimes, RuntimeBook, Sketch, runtime_kind
+from worker.jobs.runtimes import Learned, NoRuntimes, RuntimeBook, runtime_kind
 from worker.jobs.state import StoredJob
 from worker.jobs.store import JobStore
 from worker.services.webhooks import DeliveryResult
@@ -127,14 +128,14 @@ class StepContext:
         return self.services.webhooks
 
 
-def learned_runtimes(ctx: StepContext, job: StoredJob) -> tuple[str | None, Sketch | None]:
+def learned_runtimes(ctx: StepContext, job: StoredJob) -> tuple[str | None, Learned]:
     """The job's run-time kind (None without a parsed request) and what is learned of it
-    (None when learning is off or nothing is known)."""
+    (nothing when learning is off or nothing is known)."""
     request = job.record.request
     if request is None:
-        return None, None
+        return None, Learned()
     kind = runtime_kind(ctx.settings.runcomfy.model_id, request.input)
-    return kind, ctx.runtimes.sketch(kind) if ctx.settings.poll.learn else None
+    return kind, runtimes.read(ctx.runtimes, kind) if ctx.settings.poll.learn else Learned()
 
 
 def call_outcome(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from api_contracts.messages import TASK_ARCHIVE, TASK_POLL, StepMessage
 from api_contracts.upstream import StatusResponse
 from worker import metrics
 from worker.errors import ServiceError, UpstreamError
-from worker.jobs import decisions
+from worker.jobs import decisions, runtimes
 from worker.jobs.handoff import Outcome, StepResult
 from worker.jobs.state import JobChange, StoredJob
 from worker.jobs.steps import StepContext, call_outcome, learned_runtimes
@@ -53,7 +53,7 @@ def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError
     elapsed = job.read_at - submitted
     if job.outbox is not None and job.outbox.seq == job.seq and job.outbox.task == TASK_POLL:
         metrics.CHECK_LATENESS.observe(max(0.0, job.read_at - job.outbox.due_at))
-    kind, sketch = learned_runtimes(ctx, job)
+    kind, learned = learned_runtimes(ctx, job)
     before = decisions.Observed(
         elapsed,
         queued_s=job.queued_ts - submitted if job.queued_ts else 0.0,
@@ -71,7 +71,7 @@ def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError
         poll=ctx.settings.poll,
         jitter=ctx.rng.random(),
         seen=seen,
-        sketch=sketch,
+        learned=learned,
     )
     marks = JobChange(checked_ts=job.read_at)
     if seen.queued_s != before.queued_s:
@@ -122,15 +122,12 @@ def _act(ctx: StepContext, job: StoredJob, answer: StatusResponse | ServiceError
 
 
 def _learn(ctx: StepContext, kind: str, seen: decisions.Observed, previous_check: float) -> None:
-    """Add this job's run time to its kind's sketch: best effort (the job goes on anyway)."""
-    sample = decisions.runtime_sample(seen, previous_check)
-    if sample is None:
-        return
-    early = decisions.found_early(seen, previous_check, ctx.settings.poll)
+    """Add this job's timings to its kind's sketches: best effort (the job goes on anyway)."""
+    samples = decisions.learned_samples(seen, previous_check, ctx.settings.poll)
     try:
-        ctx.runtimes.learn(kind, sample, early=early)
+        runtimes.teach(ctx.runtimes, kind, samples)
     except Exception as exc:  # learning must never fail a finished generation
-        log.warning("could not record the run time (%.1fs): %s", sample, exc)
+        log.warning("could not record the run time (%.1fs): %s", samples.total_s, exc)
 
 
 def _cancel_upstream_quietly(ctx: StepContext, job: StoredJob) -> None:

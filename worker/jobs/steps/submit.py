@@ -218,8 +218,8 @@ def _record(
 def _first_check(ctx: StepContext, job: StoredJob) -> float:
     """When to look first: ``POLL_INITIAL_DELAY_S``, or later when earlier jobs of the kind
     all took longer (:func:`worker.jobs.decisions.first_check`)."""
-    _, sketch = learned_runtimes(ctx, job)
-    countdown, _ = decisions.first_check(sketch, ctx.settings.poll)
+    _, learned = learned_runtimes(ctx, job)
+    countdown, _ = decisions.first_check(learned.total, ctx.settings.poll)
     return countdown
 
 

@@ -54,5 +54,5 @@ profile-poll: $(STAMP)  ## CPU of one status check by package (cProfile + stack 
 	$(BIN)/python -m bench.profile_poll
 
 .PHONY: bench-fleet
-bench-fleet: $(STAMP)  ## 100,000 jobs in flight across 10 workers: lateness, checks/s, RSS, Redis (20-30 min)
+bench-fleet: $(STAMP)  ## 100,000 jobs seeded in flight across 10 workers: lateness, checks/s, RSS, Redis (about 5 min)
 	$(BIN)/python -m bench.fleet

@@ -3,28 +3,49 @@
 Every generation runs for hours in the emulator (``run_s`` 4 h, no queue, capacity 1,000,000,
 no account limits), so nothing finishes: the fleet only holds the jobs and checks their status.
 ``python -m bench.fleet [--jobs N] [--workers W] [--max-interval S] [--window S]`` runs it alone
-(``--quick``: the CI size; ``--help``: every knob); ``python -m bench`` runs it as the figure
-``fleet``. The full run takes 20-30 minutes on 2 cores (submitting 100,000, then one
-interval until the schedule is steady, then the window); quick mode under a minute.
+(``--quick``: the CI size; ``--submit``: the jobs submitted through the workers; ``--help``:
+every knob); ``python -m bench`` runs it as the figure ``fleet``. The full run takes about 5
+minutes on 2 cores (seeding 100,000 in about a minute, a wait planned before the workers
+start, the 2-minute window); quick mode about a minute; ``--submit`` 20-30 minutes at full
+size.
 
 The schedule: ``POLL_MIN_INTERVAL_S`` = ``POLL_MAX_INTERVAL_S`` = I, so every check is planned
 I apart (shortened by up to 10 % of jitter: a mean interval of 0.95 I) and the fleet must hold
-``jobs / 0.95 I`` checks/s; I is the knob that makes that fit the machine (100,000 / 570 s ≈
-175/s). Waits over 60 s are parked in the due index (``rcw:due``) and sent when due by the
-wake loop (``RECONCILE_WAKE_S``, passed only where the setting exists) or, in code without
-one, by the reconciler's passes (``RECONCILE_INTERVAL_S``); ``RECONCILE_BATCH`` is raised to
-twice the checks due between two such passes. Quick mode (I ≤ 60 s) takes the other path:
-countdowns held by the workers.
+``jobs / 0.95 I`` checks/s; I is the knob that makes that fit the machine (100,000 / 855 s ≈
+117/s at the full run's 900 s). Waits over 60 s are parked in the due index (``rcw:due``) and
+sent when due by the wake loop (``RECONCILE_WAKE_S``, passed only where the setting exists)
+or, in code without one, by the reconciler's passes (``RECONCILE_INTERVAL_S``);
+``RECONCILE_BATCH`` is raised to twice the checks due between two such passes. Quick mode
+(I ≤ 60 s) takes the other path: countdowns held by the workers.
 
-Jobs are created with ``Producer.enqueue_many`` (1,000 per call) before the workers start,
-then submitted as fast as the workers go. Even load: submitting takes less than an interval,
-and with one initial delay every job's checks would come in the shape of that burst, once per
+Seeded mode (the default): before the workers start, the bench puts every job in flight
+directly (:func:`seed_jobs`): in the emulator, an upstream request already running for
+``run_s`` (``Emulator.seed``); in the store, the job created (``create_many``) and written
+with the service's own changes through the store's ``update`` and the ``Handoff``, pipelined
+1,000 jobs at a time: the submit step's claim and its record of upstream's answer (request
+id, ``in_queue``), then the poll step's change for a first check that saw it running
+(``in_progress``, one status call), whose hand-off plans the next check. The i-th job's is
+due at T + (i + ½)·0.95 I / N: evenly over one mean interval from T, the window's start, so
+the fleet has its steady load from the first second, and every check in the window is an
+ordinary one (status unchanged, a check-only write). T is planned before the workers start,
+``seed_lead_s`` after seeding begins: seeding and starting the workers guessed on the slow
+side (``SEED_RATE_GUESS``, ``START_GUESS_S``) plus ``--settle`` (10 s), and with parked waits
+at least a minute after seeding, so that every seeded check is parked too (as the service
+parks a wait over a minute: the wake pass sends it when its due time comes; a shorter one,
+in quick mode, is published as a countdown). The bench waits for T once the workers are up;
+up too late for a settle before T (``late_s`` in the details), the window starts a settle
+period after they are.
+
+``--submit``: jobs are created with ``Producer.enqueue_many`` (1,000 per call) before the
+workers start, then submitted as fast as the workers and the emulator go (about 110/s at full
+size on 2 cores, so 100,000 take longer than an interval; the emulator's submit walks every
+request in flight: 0.8 ms each with 5,000 in flight, 4.7 ms with 20,000). Even load: with one
+initial delay every job's checks would come in the shape of the submit burst, once per
 interval. So worker ``i`` of W has ``POLL_INITIAL_DELAY_S`` = d + i·I/W: the jobs it submits
 get their first check i/W of an interval later, the W stripes tile the interval, and jitter
-smooths their edges (``--no-stagger``: one delay; quick mode, whose submitting takes about an
-interval anyway). The schedule is steady once the last submitted job has had its first check
-(last submit + d + (W-1)/W·I) and the broker queues have drained the checks held up behind
-the submits; the window starts then.
+smooths their edges (``--no-stagger``: one delay). The schedule is steady once the last
+submitted job has had its first check (last submit + d + (W-1)/W·I) and the broker queues
+have drained the checks held up behind the submits; the window starts then.
 
 Measured over the window: status checks/s at the emulator vs planned, and the intervals each
 job's consecutive checks actually came at (a gap far under I is a duplicate check); lateness
@@ -51,12 +72,17 @@ import statistics
 import sys
 import time
 import urllib.request
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
+import redis
+
+from api_contracts.jobs import JobStatus
 from api_contracts.messages import TASK_POLL
 from bench.common import (
     MIB,
@@ -76,12 +102,31 @@ from bench.common import (
 from worker.constants import DUE_KEY
 from worker.devtools.embedded import free_port
 from worker.devtools.emulator import Emulator, Reply
+from worker.jobs.handoff import PARK_AFTER_S, Handoff, Publisher
+from worker.jobs.state import JobChange, Lease
+from worker.jobs.steps.submit import LEASE_MARGIN_S
+from worker.jobs.store import RedisJobStore
+from worker.producer.producer import new_job_id, parse_request
+from worker.queueing.publish import make_publisher
+from worker.settings import Settings
 
 LATENESS_METRIC = "runcomfy_status_check_lateness_seconds"
 TARGET_P95_S = 1.0
 #: Mean interval / POLL_MAX_INTERVAL_S: jitter shortens each interval by U(0, 10 %).
 MEAN_INTERVAL_SHARE = 0.95
 ENQUEUE_BATCH = 1000
+#: Seeded mode: jobs written per pipeline.
+SEED_BATCH = 1000
+#: Seeded mode, to plan the first check before the workers start: a low guess of the
+#: seeding rate (jobs/s; 1,800-2,100/s measured on 2 shared cores) and a high one of how
+#: long W workers take to be ready (a fixed part and one per worker; 4 took 3 s). Too
+#: cautious, the bench waits longer; too bold, the workers are not up a settle period
+#: before the first check (``late_s``: the window then starts a settle period after they
+#: are).
+SEED_RATE_GUESS = 1000.0
+START_GUESS_S = (5.0, 2.0)
+#: The lease owner written by seeding's submit claim (as a worker's delivery id would be).
+SEED_OWNER = "bench-fleet-seed"
 
 
 @dataclass(frozen=True)
@@ -106,6 +151,11 @@ class Plan:
     sample: int = 2000
     #: Emulator side: only checks planned this long before the window's end count.
     tail_s: float = 30.0
+    #: Seeded mode: the jobs are written in flight (upstream request running, next check
+    #: planned) before the workers start, instead of being submitted through them.
+    seeded: bool = True
+    #: Seeded mode: the workers run at least this long before the window (the first check).
+    settle_s: float = 10.0
 
     @property
     def mean_interval_s(self) -> float:
@@ -140,10 +190,23 @@ class Plan:
         """From the last submit until every job has had its first check."""
         return self.initial_delay_s(self.workers - 1)
 
+    @property
+    def seed_lead_s(self) -> float:
+        """Seeded mode: from the start of seeding to the first planned check (the window's
+        start): seeding, starting the workers and settling, each guessed on the slow side.
+        With parked waits, a minute at least after seeding: every seeded first check is then
+        parked too (a wait up to a minute would be a countdown held by a worker)."""
+        fixed, each = START_GUESS_S
+        after_seeding = fixed + each * self.workers + self.settle_s
+        if self.parked:
+            after_seeding = max(after_seeding, PARK_AFTER_S + 1.0)
+        return self.jobs / SEED_RATE_GUESS + after_seeding
+
 
 FULL = Plan(jobs=100_000, workers=10, max_interval_s=900.0, window_s=120.0)
-#: The CI size, under a minute: the full run's 175 checks/s, on countdowns (I ≤ 60 s), and
-#: submitting 2,500 takes about one 15 s interval here, so the submit times spread the checks.
+#: The CI size, about a minute: 175 checks/s on countdowns (I ≤ 60 s). With ``--submit``,
+#: submitting 2,500 takes about one 15 s interval here, so the submit times spread the
+#: checks (no stagger).
 QUICK = Plan(
     jobs=2_500,
     workers=4,
@@ -186,11 +249,17 @@ def describe(plan: Plan) -> str:
         else "no RECONCILE_WAKE_S in this code"
     )
     path = "parked in rcw:due" if plan.parked else "countdowns held by workers"
+    start = (
+        f"seeded in flight, first checks due evenly over {plan.mean_interval_s:g}s from the "
+        f"window's start"
+        if plan.seeded
+        else f"submitted by the workers, POLL_INITIAL_DELAY_S {plan.initial_delay_s(0):g}.."
+        f"{plan.ramp_s:g} by worker"
+    )
     return (
         f"fleet: {plan.jobs:,} jobs, {plan.workers} workers (threads -c {plan.concurrency}); "
         f"POLL_MAX_INTERVAL_S=POLL_MIN_INTERVAL_S={plan.max_interval_s:g} ({path}), "
-        f"POLL_INITIAL_DELAY_S {plan.initial_delay_s(0):g}..{plan.ramp_s:g} by worker → "
-        f"planned {plan.planned_per_s:,.0f} checks/s; RECONCILE_INTERVAL_S="
+        f"{start} → planned {plan.planned_per_s:,.0f} checks/s; RECONCILE_INTERVAL_S="
         f"{plan.reconcile_interval_s:g}, RECONCILE_BATCH={plan.reconcile_batch}, {wake}; "
         f"window {plan.window_s:g}s"
     )
@@ -361,6 +430,146 @@ def read_all(log: CallLog, workers: list[Worker], ports: list[int], redis_pid: i
     )
 
 
+# ---------------------------------------------------------------------------- seeding
+def _dropped(task: str, args: list[Any], kwargs: dict[str, Any], countdown: float) -> None:
+    """Publisher of the submit's hand-off while seeding: the first check it promises (seq 1)
+    is superseded at once by the seeded check's hand-off (seq 2), so it is never sent (sent,
+    it would only be a stale message)."""
+
+
+def seed_jobs(
+    client: redis.Redis,
+    settings: Settings,
+    emulator: Emulator,
+    publish: Publisher,
+    *,
+    jobs: int,
+    first_due: float,
+    span_s: float,
+    run_s: float,
+    batch: int = SEED_BATCH,
+) -> list[str]:
+    """Put ``jobs`` jobs in flight without submitting them through a worker; their ids, in
+    the order their next checks are due.
+
+    In the emulator, one request per job, already running for ``run_s``
+    (:meth:`Emulator.seed`). In the store, each job is created (``create_many``) and then
+    written with the service's own changes, through the store's ``update`` and the
+    :class:`Handoff`: the submit step's claim (``submitting``, lease), its record of
+    upstream's answer (``in_queue``, request id, a hand-off to the first check), then the
+    poll step's change for a first check that saw the request running (``in_progress``,
+    one status call, the check marks) with its hand-off to the next check, planned at
+    ``first_due + (i + ½) · span_s / jobs`` for the i-th job (store clock): evenly over
+    ``span_s``. That hand-off follows the service's rules: a wait over a minute is parked in
+    the due index (pinned to exactly the planned time, as the wake pass compares), a shorter
+    one is published through ``publish`` as a countdown. The writes of ``batch`` jobs go in
+    one pipeline: the store's ``update`` on a pipelined client only queues its script and
+    returns the job as it will be, and every queued write is checked once the pipeline ran.
+    """
+
+    def store_on(target: redis.Redis) -> RedisJobStore:
+        return RedisJobStore(
+            target,
+            ttl_s=settings.job.ttl_s,
+            deadline_s=settings.job.deadline_s,
+            submit_grace_s=settings.submit.grace_s,
+        )
+
+    store = store_on(client)
+    grace = settings.reconcile.grace_s
+    lease_s = settings.runcomfy.call_budget_s + LEASE_MARGIN_S
+    park_after = min(PARK_AFTER_S, settings.max_countdown_s)
+    request_ids = [str(uuid.uuid4()) for _ in range(jobs)]
+    emulator.seed(request_ids, run_s=run_s)
+    ids: list[str] = []
+    for first in range(0, jobs, batch):
+        numbers = range(first, min(jobs, first + batch))
+        born = store.create_many([(new_job_id(), parse_request(job_request(n=i))) for i in numbers])
+        offset = store.now() - time.time()  # the store's clock, read once per batch
+        with client.pipeline(transaction=False) as pipe:
+            queued = store_on(pipe)
+            limit = settings.max_countdown_s
+            submits = Handoff(queued, _dropped, max_countdown_s=limit, grace_s=grace)
+            checks = Handoff(queued, publish, max_countdown_s=limit, grace_s=grace)
+            pins: set[int] = set()
+            for i, job in zip(numbers, born, strict=True):
+                if job is None:
+                    raise BenchError("a new job id already existed")
+                now = time.time() + offset
+                claimed = queued.update(
+                    replace(job, read_at=now),
+                    JobChange(
+                        status=JobStatus.SUBMITTING,
+                        lease=Lease(SEED_OWNER, now + lease_s),
+                        notes=list(job.record.notes),
+                        due_in=lease_s + grace,
+                    ),
+                )
+                assert claimed is not None  # queued: the pipeline's result is checked below
+                recorded = submits.handoff(
+                    claimed,
+                    TASK_POLL,
+                    countdown=settings.poll.initial_delay_s,
+                    change=JobChange(
+                        status=JobStatus.IN_QUEUE,
+                        request_id=request_ids[i],
+                        submitted_at=datetime.fromtimestamp(now, UTC),
+                        lease=None,
+                        attempt=0,
+                        since=0.0,
+                    ),
+                )
+                assert recorded is not None
+                due = first_due + (i + 0.5) * span_s / jobs
+                checks.handoff(
+                    recorded,
+                    TASK_POLL,
+                    countdown=due - now,
+                    change=JobChange(
+                        checked_ts=now,
+                        started_ts=now,
+                        status=JobStatus.IN_PROGRESS,
+                        queue_position=None,
+                        status_calls=1,
+                        attempt=0,
+                    ),
+                )
+                if due - now > park_after:
+                    # update.lua scores the due index at its own TIME + countdown, a little
+                    # after ``now`` here (the rest of the batch is computed in between)
+                    pins.add(len(pipe))
+                    queued.set_due(job.id, due)
+                ids.append(job.id)
+            results = pipe.execute()
+        refused = sum(r != 1 for n, r in enumerate(results) if n not in pins)
+        if refused:
+            raise BenchError(f"seeding: {refused} writes refused (version moved?)")
+    return ids
+
+
+def _seed(stack: Stack, producer: Any, plan: Plan, say: Callable[[str], None]) -> dict[str, Any]:
+    """Seeded mode, before the workers start: the jobs in flight and the first checks planned
+    from ``plan.seed_lead_s`` after now (the window's start, store clock), evenly over one
+    mean interval. Ids, timings and that start."""
+    store = producer.rt.store
+    started = time.monotonic()
+    window_at = store.now() + plan.seed_lead_s
+    ids = seed_jobs(
+        stack.redis,
+        producer.rt.settings,
+        stack.emulator.emulator,
+        make_publisher(producer.app),
+        jobs=plan.jobs,
+        first_due=window_at,
+        span_s=plan.mean_interval_s,
+        run_s=plan.run_s,
+    )
+    seconds = time.monotonic() - started
+    say(f"  seeded {plan.jobs:,} jobs in flight in {seconds:.1f}s ({plan.jobs / seconds:,.0f}/s)")
+    # the window's start on this process's clock (the same host's: equal but for the call)
+    return {"ids": ids, "seed_s": seconds, "window_at": window_at - store.now() + time.time()}
+
+
 # ---------------------------------------------------------------------------- the run
 def _start(workers: list[Worker]) -> None:
     """Start them all at once; W imports at once on 2 cores take a while."""
@@ -382,6 +591,49 @@ def _drain(stack: Stack, plan: Plan) -> float:
         calm = calm + 1 if sum(queue_lengths(stack.redis).values()) <= limit else 0
         time.sleep(0.25)
     return time.monotonic() - started
+
+
+def _submitted(
+    stack: Stack,
+    plan: Plan,
+    log: CallLog,
+    phases: dict[str, Any],
+    started: float,
+    say: Callable[[str], None],
+) -> None:
+    """Submit mode, once the workers are up: wait until they submitted every job, every job
+    had its first check and the backlog behind the submits drained."""
+
+    def submitted() -> bool:
+        return log.submits >= plan.jobs
+
+    wait_until(submitted, 120 + plan.jobs / 20, "every job to be submitted", 0.2)
+    last_submit = time.time()
+    submit_s = phases["submit_s"] = last_submit - started
+    say(f"  submitted upstream {submit_s:.0f}s after start ({plan.jobs / submit_s:,.0f}/s)")
+    steady_at = last_submit + plan.ramp_s + min(10.0, plan.max_interval_s / 10)
+    say(f"  steady schedule in {steady_at - time.time():.0f}s")
+    time.sleep(max(0.0, steady_at - time.time()))
+    drained_s = phases["drained_s"] = _drain(stack, plan)
+    say(f"  backlog of the submit burst drained in {drained_s:.0f}s")
+
+
+def _settle(plan: Plan, phases: dict[str, Any], ready: float, say: Callable[[str], None]) -> None:
+    """Seeded mode, once the workers are up: wait for the first planned check (the window's
+    start). Workers ready too late for ``settle_s`` before it (the guesses behind
+    ``seed_lead_s`` were low) had checks due before they were up: the window then starts
+    ``settle_s`` after they were, past that backlog; ``late_s`` says by how much."""
+    late = max(0.0, ready + plan.settle_s - phases["window_at"])
+    phases["late_s"] = late
+    if late > 0:
+        say(
+            f"  ready {late:.0f}s too late for a {plan.settle_s:g}s settle before the first "
+            f"check: the window starts {plan.settle_s:g}s after the workers were ready"
+        )
+        phases["window_at"] = ready + plan.settle_s
+    phases["settle_s"] = phases["window_at"] - ready
+    say(f"  settling {phases['settle_s']:.0f}s until the first planned check")
+    time.sleep(max(0.0, phases["window_at"] - time.time()))
 
 
 def _enqueue(producer: Any, n: int) -> tuple[list[str], float]:
@@ -417,7 +669,9 @@ def measure(stack: Stack, plan: Plan, say: Callable[[str], None] = print) -> dic
             stack.env(
                 0,
                 **shared,
-                POLL_INITIAL_DELAY_S=str(plan.initial_delay_s(i)),
+                POLL_INITIAL_DELAY_S=str(
+                    plan.first_check_s if plan.seeded else plan.initial_delay_s(i)
+                ),
                 WORKER_METRICS_PORT=str(port),
             ),
             concurrency=plan.concurrency,
@@ -428,28 +682,29 @@ def measure(stack: Stack, plan: Plan, say: Callable[[str], None] = print) -> dic
     producer = stack.producer(0, **shared)
     log = CallLog(stack.emulator.emulator)
     redis_pid = int(stack.redis.info("server")["process_id"])
+    phases: dict[str, Any] = {"mode": "seeded" if plan.seeded else "submit"}
     try:
         redis_idle = int(stack.redis.info("memory")["used_memory"])
-        # Enqueued before the workers start: the producer's rate, not the machine's leftovers.
-        ids, enqueue_s = _enqueue(producer, plan.jobs)
-        say(f"  enqueued {plan.jobs:,} in {enqueue_s:.1f}s ({plan.jobs / enqueue_s:,.0f}/s)")
+        if plan.seeded:
+            seeded = _seed(stack, producer, plan, say)
+            ids = seeded.pop("ids")
+            phases.update(seeded)
+        else:
+            # Enqueued before the workers start: the producer's rate, not the machine's
+            # leftovers.
+            ids, enqueue_s = _enqueue(producer, plan.jobs)
+            phases["enqueue_s"] = enqueue_s
+            say(f"  enqueued {plan.jobs:,} in {enqueue_s:.1f}s ({plan.jobs / enqueue_s:,.0f}/s)")
         started = time.time()
         _start(workers)
+        ready = time.time()
         rss_start = [w.rss() for w in workers]
-        say(f"  {plan.workers} workers ready in {time.time() - started:.0f}s")
-
-        def submitted() -> bool:
-            return log.submits >= plan.jobs
-
-        wait_until(submitted, 120 + plan.jobs / 20, "every job to be submitted", 0.2)
-        last_submit = time.time()
-        submit_s = last_submit - started
-        say(f"  submitted upstream {submit_s:.0f}s after start ({plan.jobs / submit_s:,.0f}/s)")
-        steady_at = last_submit + plan.ramp_s + min(10.0, plan.max_interval_s / 10)
-        say(f"  steady schedule in {steady_at - time.time():.0f}s")
-        time.sleep(max(0.0, steady_at - time.time()))
-        drained_s = _drain(stack, plan)
-        say(f"  backlog of the submit burst drained in {drained_s:.0f}s")
+        phases["start_s"] = ready - started
+        say(f"  {plan.workers} workers ready in {ready - started:.0f}s")
+        if plan.seeded:
+            _settle(plan, phases, ready, say)
+        else:
+            _submitted(stack, plan, log, phases, started, say)
 
         sample = random.Random(0).sample(ids, min(plan.sample, len(ids)))
         log.recording = True
@@ -503,8 +758,7 @@ def measure(stack: Stack, plan: Plan, say: Callable[[str], None] = print) -> dic
             "wake_setting": _has_wake_setting(),
         },
         "workers_alive": alive,
-        "enqueue_s": enqueue_s,
-        "submit_s": submit_s,
+        **phases,
         "window_s": seconds,
         "checks": checks,
         "checks_per_s": checks / seconds,
@@ -578,6 +832,12 @@ def rows(got: dict[str, Any]) -> list[Row]:
         if plan["parked"]
         else "waits held as countdowns by the workers"
     )
+    if got.get("mode") == "seeded":
+        path += f"; jobs seeded in flight ({got['seed_s']:.0f}s), settled {got['settle_s']:.0f}s"
+        if got["late_s"] > 0:
+            path += f", workers ready {got['late_s']:.0f}s later than planned"
+    else:
+        path += "; jobs submitted by the workers"
     rss = got["rss_mb"]
     backlog = sum(got["queues_at_end"].values())
     held = got["interval_held_s"]
@@ -682,6 +942,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reconcile-wake", type=float, help="RECONCILE_WAKE_S, if it exists")
     parser.add_argument("--sample", type=int, help="jobs sampled for emulator-side lateness")
     parser.add_argument("--tail", type=float, help="emulator side: seconds allowed at the end")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--seed",
+        dest="seeded",
+        action="store_true",
+        default=None,
+        help="seed the jobs in flight before the workers start (the default)",
+    )
+    mode.add_argument(
+        "--submit",
+        dest="seeded",
+        action="store_false",
+        help="submit the jobs through the workers, then wait for a steady schedule",
+    )
+    parser.add_argument(
+        "--settle", type=float, help="seeded: seconds the workers run before the window"
+    )
     parser.add_argument("--json", action="store_true", help="also print the details as JSON")
     args = parser.parse_args(argv)
     options = {
@@ -696,6 +973,8 @@ def main(argv: list[str] | None = None) -> int:
         "reconcile_wake_s": args.reconcile_wake,
         "sample": args.sample,
         "tail_s": args.tail,
+        "seeded": args.seeded,
+        "settle_s": args.settle,
     }
     plan = replace(
         QUICK if args.quick else FULL, **{k: v for k, v in options.items() if v is not None}

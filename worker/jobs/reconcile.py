@@ -338,14 +338,15 @@ class ReconcileLoop:
         tick = max(0.05, period / self.TICKS_PER_INTERVAL)
         while not self._stop.wait(tick):
             try:
-                wake_lock, wake_s = self._wake_lock, self.wake_s
-                if wake_lock is None or wake_s is None:
-                    self._pass(self._lock, interval, self.reconciler.run_pass)
-                    continue
-                # The due index is only ever read under the wake lock: a full pass and a
-                # wake pass on two workers would send the same due jobs twice.
-                self._pass(self._lock, interval, lambda: self.reconciler.run_pass(wake=False))
-                self._pass(wake_lock, wake_s, self.reconciler.wake)
+                # A full pass reads the due index too, under its own lock: a wake lock whose
+                # holder was killed mid-pass blocks wake passes for up to MAX_PASS_S, and the
+                # full passes keep the due index moving meanwhile (make chaos: 29 s late
+                # without them). The cost is an occasional job sent by both passes; the seq
+                # protocol makes the second copy a no-op.
+                if not self._pass(self._lock, interval, self.reconciler.run_pass):
+                    wake_lock, wake_s = self._wake_lock, self.wake_s
+                    if wake_lock is not None and wake_s is not None:
+                        self._pass(wake_lock, wake_s, self.reconciler.wake)
             except Exception:  # a pass failing (Redis down …) must not end the loop
                 log.exception("reconcile pass failed; next one in %.1fs", tick)
 

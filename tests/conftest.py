@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
@@ -16,6 +17,17 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", EmbeddedS3.SECRET_KEY)
 os.environ.setdefault("AWS_DEFAULT_REGION", EmbeddedS3.REGION)
 os.environ["AWS_CONFIG_FILE"] = os.devnull
 os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+
+
+@pytest.fixture(autouse=True)
+def _root_log_level_restored() -> Iterator[None]:
+    """Celery's test worker (``start_worker(loglevel="CRITICAL")``) sets the root logger's
+    level and leaves it: a later test's ``caplog`` then saw nothing, depending on the order.
+    """
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -73,6 +73,24 @@ def test_the_pass_lock_admits_one_pass_per_interval_whoever_asks(
     assert lock.take("a", 30) is True
 
 
+def test_a_wake_pass_renews_its_short_hold_only_while_it_owns_the_lock(
+    redis_client: redis.Redis,
+) -> None:
+    from worker.constants import WAKE_LOCK_KEY
+    from worker.jobs.reconcile import redis_lock
+
+    redis_client.flushdb()
+    lock = redis_lock(redis_client, WAKE_LOCK_KEY)
+    assert lock.take("a", 0.2) is True
+    assert lock.renew("b", 3.0) is False  # not b's
+    assert 0 < redis_client.pttl(WAKE_LOCK_KEY) <= 200
+    assert lock.renew("a", 3.0) is True
+    assert 2_000 < redis_client.pttl(WAKE_LOCK_KEY) <= 3_000
+    redis_client.delete(WAKE_LOCK_KEY)  # expired (its holder stalled past its hold)
+    assert lock.renew("a", 3.0) is False  # a stalled pass learns it lost the lock
+    assert redis_client.exists(WAKE_LOCK_KEY) == 0
+
+
 @pytest.mark.parametrize(
     ("policy", "allowed", "refused"),
     [

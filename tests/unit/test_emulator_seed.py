@@ -2,37 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 
-from worker.devtools.emulator import Emulator, EmulatorConfig
-
-MODEL = "/v1/models/bytedance/dreamina-4-0/text-to-image"
-
-
-class Clock:
-    """A clock tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(**config: Any) -> tuple[Emulator, Clock]:
-    clock = Clock()
-    settings = {"token": "t", "queue_s": 1.0, "run_s": 10.0, "capacity": 2, **config}
-    return Emulator(EmulatorConfig(**settings), "http://emu", clock=clock), clock
-
-
-def call(emu: Emulator, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    raw = json.dumps(body).encode() if body is not None else b""
-    reply = emu.handle(method, path, "Bearer t", raw)
-    assert isinstance(reply.body, bytes)
-    return reply.status, json.loads(reply.body)
+from tests.unit.test_emulator_core import MODEL, call, make
+from worker.devtools.emulator import Emulator
 
 
 def state(emu: Emulator, request_id: str) -> str:

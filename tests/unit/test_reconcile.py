@@ -290,11 +290,13 @@ def test_the_loop_wakes_every_wake_period_and_runs_full_passes_per_interval() ->
 
         def __init__(self) -> None:
             self.passes = self.wakes = 0
+            self.full_passes_woke: set[bool] = set()
 
-        def run_pass(self) -> None:
+        def run_pass(self, *, wake: bool = True) -> None:
             self.passes += 1
+            self.full_passes_woke.add(wake)
 
-        def wake(self) -> None:
+        def wake(self, *, keep_alive: Any = None) -> None:
             self.wakes += 1
 
     class Lock:
@@ -316,6 +318,9 @@ def test_the_loop_wakes_every_wake_period_and_runs_full_passes_per_interval() ->
             assert owner == self.holder
             self.until = time.monotonic() + max(0.0, keep_s)
 
+        def renew(self, owner: str, hold_s: float) -> bool:
+            raise AssertionError("short passes need no renewal")
+
     fake = FakeReconciler()
     loop = ReconcileLoop(
         fake,  # type: ignore[arg-type]
@@ -328,10 +333,40 @@ def test_the_loop_wakes_every_wake_period_and_runs_full_passes_per_interval() ->
     loop.stop()
     assert 1 <= fake.passes <= 4  # once per interval (0.4 s)
     assert fake.wakes >= 5  # wake passes (every 0.05 s) in between
+    assert fake.full_passes_woke == {False}  # the due index is the wake passes' alone
+
+
+class SharedLock:
+    """A pass lock as Redis keeps it: an owner and an expiry (monotonic clock)."""
+
+    def __init__(self) -> None:
+        self.until = 0.0
+        self.owner: str | None = None
+        self.lock = threading.Lock()
+
+    def take(self, owner: str, hold_s: float) -> bool:
+        with self.lock:
+            if time.monotonic() < self.until:
+                return False
+            self.until, self.owner = time.monotonic() + hold_s, owner
+            return True
+
+    def release(self, owner: str, keep_s: float) -> None:
+        with self.lock:
+            if self.owner == owner:
+                self.until = time.monotonic() + max(0.0, keep_s)
+
+    def renew(self, owner: str, hold_s: float) -> bool:
+        with self.lock:
+            if self.owner != owner or time.monotonic() >= self.until:
+                return False
+            self.until = time.monotonic() + hold_s
+            return True
 
 
 def test_a_long_wake_pass_is_never_overlapped_by_the_next() -> None:
-    """A pass that takes longer than its period holds its lock until it ends."""
+    """A wake pass longer than its period (and than its hold) renews its lock until it
+    ends: no other worker reads the due index meanwhile."""
     running = threading.Event()
     overlaps: list[int] = []
     active = [0]
@@ -339,35 +374,27 @@ def test_a_long_wake_pass_is_never_overlapped_by_the_next() -> None:
     class SlowReconciler:
         interval_s = 60.0
 
-        def run_pass(self) -> None:
+        def run_pass(self, *, wake: bool = True) -> None:
             pass
 
-        def wake(self) -> None:
+        def wake(self, *, keep_alive: Any = None) -> None:
             active[0] += 1
             overlaps.append(active[0])
             running.set()
-            time.sleep(0.15)  # three wake periods
+            for _ in range(15):  # 0.15 s: three wake periods, five holds
+                time.sleep(0.01)
+                assert keep_alive()
             active[0] -= 1
 
-    class Lock:
-        def __init__(self) -> None:
-            self.until = 0.0
-            self.lock = threading.Lock()
-
-        def take(self, owner: str, hold_s: float) -> bool:
-            with self.lock:
-                if time.monotonic() < self.until:
-                    return False
-                self.until = time.monotonic() + hold_s
-                return True
-
-        def release(self, owner: str, keep_s: float) -> None:
-            with self.lock:
-                self.until = time.monotonic() + max(0.0, keep_s)
-
-    wake_lock = Lock()
+    wake_lock = SharedLock()
     loops = [
-        ReconcileLoop(SlowReconciler(), Lock(), wake_s=0.05, wake_lock=wake_lock)  # type: ignore[arg-type]
+        ReconcileLoop(
+            SlowReconciler(),  # type: ignore[arg-type]
+            SharedLock(),
+            wake_s=0.05,
+            wake_lock=wake_lock,
+            wake_hold_s=0.03,
+        )
         for _ in range(3)  # three workers sharing one wake lock
     ]
     for loop in loops:
@@ -378,6 +405,46 @@ def test_a_long_wake_pass_is_never_overlapped_by_the_next() -> None:
         loop.stop()
     time.sleep(0.2)
     assert len(overlaps) >= 2 and max(overlaps) == 1
+
+
+def test_a_wake_lock_holder_killed_mid_pass_blocks_wake_passes_only_for_its_hold() -> None:
+    wakes: list[float] = []
+
+    class Reconciler:
+        interval_s = 60.0
+
+        def run_pass(self, *, wake: bool = True) -> None:
+            assert not wake
+
+        def wake(self, *, keep_alive: Any = None) -> None:
+            wakes.append(time.monotonic())
+
+    wake_lock = SharedLock()
+    assert wake_lock.take("killed-worker", 0.3)  # its pass never ends nor renews
+    killed_at = time.monotonic()
+    loop = ReconcileLoop(
+        Reconciler(),  # type: ignore[arg-type]
+        SharedLock(),
+        wake_s=0.05,
+        wake_lock=wake_lock,
+        wake_hold_s=0.3,
+    )
+    loop.start()
+    time.sleep(0.8)
+    loop.stop()
+    assert wakes, "wake passes never resumed"
+    assert 0.3 <= wakes[0] - killed_at < 0.5  # the hold, plus at most a tick or two
+
+
+def test_a_wake_pass_that_lost_its_lock_stops_reading_the_due_index(w: World) -> None:
+    for n in range(3):
+        job, _ = w.store.create_if_absent(f"j{n}", REQ)
+        assert w.handoff.handoff(job, TASK_SUBMIT, countdown=0) is not None
+    w.clock.advance(3600)
+    answers = iter([True, False])
+    done = w.reconciler.wake(keep_alive=lambda: next(answers))
+    assert len(done) == 1  # the second job was left to whoever holds the lock now
+    assert len(w.reconciler.wake()) == 2  # the rest is still due
 
 
 def test_a_message_stuck_behind_a_backlog_is_republished_ever_more_rarely(w: World) -> None:

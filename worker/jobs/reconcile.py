@@ -198,12 +198,19 @@ class Reconciler:
                 metrics.RECONCILED.labels("admit").inc(len(admitted))
         return done
 
-    def wake(self, *, dry_run: bool = False) -> list[Reconciled]:
+    def wake(
+        self, *, dry_run: bool = False, keep_alive: Callable[[], bool] | None = None
+    ) -> list[Reconciled]:
         """Handle the jobs due in the due index, at most ``batch``: parked waits that are
-        due, and overdue ones. O(due): a wake with nothing due is one ZRANGEBYSCORE."""
+        due, and overdue ones. O(due): a wake with nothing due is one ZRANGEBYSCORE.
+        ``keep_alive`` is asked before each job (the loop renews its lock there); False: the
+        lock is lost, so another pass may be reading the same jobs: stop."""
         now = self.store.now()
-        done = []
+        done: list[Reconciled] = []
         for job_id, due_at in self.store.due(now, self.batch):
+            if keep_alive is not None and not keep_alive():
+                log.warning("wake pass lost its lock; stopping after %d jobs", len(done))
+                break
             job = self.store.get(job_id)
             plan = decide(
                 job,
@@ -287,22 +294,32 @@ class PassLock(Protocol):
         """End the pass: keep the lock ``keep_s`` more (0: free it now), if still ours."""
         ...
 
+    def renew(self, owner: str, hold_s: float) -> bool:
+        """Hold it ``hold_s`` more from now; False if it is no longer ours."""
+        ...
+
 
 class ReconcileLoop:
     """Runs passes in a daemon thread: one full pass per interval fleet-wide, and one wake
     pass per ``wake_s`` (the due index only: parked waits run on time).
 
     Every worker looks a few times per period; the first to take a lock runs that pass. The
-    lock is held for the whole pass (up to :data:`MAX_PASS_S`, so a killed holder delays the
-    next pass by at most that) and then kept for what is left of the period: passes never
-    overlap (two passes would send the same due jobs twice), and come once per period
-    whoever runs them.
+    lock is held for the whole pass and then kept for what is left of the period: passes of
+    one kind never overlap, and come once per period whoever runs them.
+
+    Only wake passes read the due index (two readers would send the same due jobs twice).
+    So a wake pass holds its lock for :data:`WAKE_HOLD_S` at a time and renews it between
+    jobs: a worker killed mid-pass blocks the due index for at most that long. A full pass
+    may hold its lock up to :data:`MAX_PASS_S`; a killed holder delays only the slot audit.
+    Without a wake lock the full pass reads the due index itself.
     """
 
     #: Looks per period (how late a pass can start after the lock expires: period / this).
     TICKS_PER_INTERVAL: Final = 4
-    #: Longest a pass may hold its lock; a holder killed mid-pass frees it after this.
+    #: Longest a full pass may hold its lock; a holder killed mid-pass frees it after this.
     MAX_PASS_S: Final = 30.0
+    #: How long a wake pass holds its lock between renewals (a killed holder's cost).
+    WAKE_HOLD_S: Final = 3.0
 
     def __init__(
         self,
@@ -311,12 +328,14 @@ class ReconcileLoop:
         *,
         wake_s: float | None = None,
         wake_lock: PassLock | None = None,
+        wake_hold_s: float = WAKE_HOLD_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reconciler = reconciler
         self._lock = lock
         self.wake_s = wake_s
         self._wake_lock = wake_lock
+        self.wake_hold_s = wake_hold_s
         self._clock = clock
         self._owner = secrets.token_hex(8)
         self._stop = threading.Event()
@@ -336,24 +355,42 @@ class ReconcileLoop:
         interval = self.reconciler.interval_s
         period = min(interval, self.wake_s or interval)
         tick = max(0.05, period / self.TICKS_PER_INTERVAL)
+        wake_lock, wake_s = self._wake_lock, self.wake_s
+        waking = wake_lock is not None and wake_s is not None
         while not self._stop.wait(tick):
             try:
-                # A full pass reads the due index too, under its own lock: a wake lock whose
-                # holder was killed mid-pass blocks wake passes for up to MAX_PASS_S, and the
-                # full passes keep the due index moving meanwhile (make chaos: 29 s late
-                # without them). The cost is an occasional job sent by both passes; the seq
-                # protocol makes the second copy a no-op.
-                if not self._pass(self._lock, interval, self.reconciler.run_pass):
-                    wake_lock, wake_s = self._wake_lock, self.wake_s
-                    if wake_lock is not None and wake_s is not None:
-                        self._pass(wake_lock, wake_s, self.reconciler.wake)
+                self._pass(
+                    self._lock,
+                    interval,
+                    lambda: self.reconciler.run_pass(wake=not waking),
+                    self.MAX_PASS_S,
+                )
+                if wake_lock is not None and wake_s is not None:
+                    self._pass(
+                        wake_lock, wake_s, lambda: self._wake_pass(wake_lock), self.wake_hold_s
+                    )
             except Exception:  # a pass failing (Redis down …) must not end the loop
                 log.exception("reconcile pass failed; next one in %.1fs", tick)
 
-    def _pass(self, lock: PassLock, period_s: float, run: Callable[[], object]) -> bool:
+    def _wake_pass(self, lock: PassLock) -> None:
+        """One wake pass, renewing ``lock`` every third of its hold."""
+        renewed = [self._clock()]
+
+        def keep_alive() -> bool:
+            now = self._clock()
+            if now - renewed[0] < self.wake_hold_s / 3:
+                return True
+            renewed[0] = now
+            return lock.renew(self._owner, self.wake_hold_s)
+
+        self.reconciler.wake(keep_alive=keep_alive)
+
+    def _pass(
+        self, lock: PassLock, period_s: float, run: Callable[[], object], hold_s: float
+    ) -> bool:
         """Run one pass under ``lock`` if it is free; whether it ran."""
         started = self._clock()
-        if not lock.take(self._owner, max(period_s, self.MAX_PASS_S)):
+        if not lock.take(self._owner, max(period_s, hold_s)):
             return False
         try:
             run()
@@ -378,6 +415,10 @@ class RedisPassLock:
     def release(self, owner: str, keep_s: float) -> None:
         """Keep it for ``keep_s`` more, or free it."""
         self._unlock(keys=[self.key], args=[owner, int(keep_s * 1000)])
+
+    def renew(self, owner: str, hold_s: float) -> bool:
+        """``PEXPIRE`` if still ours (``scripts/unlock.lua`` with time left)."""
+        return bool(self._unlock(keys=[self.key], args=[owner, max(1, int(hold_s * 1000))]))
 
 
 def redis_lock(client: redis.Redis, key: str = RECONCILE_LOCK_KEY) -> RedisPassLock:

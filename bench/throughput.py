@@ -8,18 +8,22 @@
 * Pools: ``-P prefork -c 2`` against ``-P threads -c 8`` (gevent/eventlet are not installed),
   at zero latency (CPU-bound: two processes use both cores) and with 50 ms added to every
   upstream answer (I/O-bound, as in production: only 2 tasks can wait at once under prefork).
-* Poll capacity: the same threads worker, every job an hour long and polling as often as it
+* Poll capacity: a threads worker whose jobs are all an hour long and poll as often as they
   may: status checks/s, so ``x 30 s`` is how many jobs it keeps on a 30 s poll schedule.
   Floor: as many ``bench.poll_floor`` chains (one status GET, then the next check at once,
-  bench/baseline_app.py) on the bare-chain worker (same pool, same concurrency, same
-  emulator), over the same number of seconds. Both counted by the emulator's status calls.
+  bench/baseline_app.py) on a bare-chain worker (same pool, same concurrency, same emulator,
+  its own Redis database). Both workers are up at once and take turns (SIGSTOP/SIGCONT):
+  short windows, alternately service and floor, so both see the same machine (the shared
+  cores' speed drifts by 20 % between runs). Both counted by the emulator's status calls.
 * Round trips: redis-py's connection wrapped in the producer (this process) and in the worker
-  (bench/_inject/sitecustomize.py) during the threads run; per job, by command name.
+  (bench/_inject/sitecustomize.py) in a threads run of their own (the wrapper costs CPU, so
+  the timed runs go without it); per job, by command name.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 from typing import Any
@@ -37,6 +41,7 @@ from bench.common import (
     Worker,
     job_request,
     queue_lengths,
+    start_all,
     unacked,
     wait_until,
 )
@@ -85,13 +90,11 @@ def service_throughput(
     pool: str,
     concurrency: int,
     count_redis: bool = False,
-    poll_capacity: tuple[int, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Jobs/s of the real pipeline with one worker process, one result per ``(jobs,
     upstream latency s)`` phase. The latency delays every emulator answer (submit, status,
     result, download) without using CPU; it is set on the emulator, so one worker serves
-    every phase. Round trips are counted in the first phase only. With ``poll_capacity``
-    = ``(jobs, seconds)`` a last result holds the status checks/s of the same worker."""
+    every phase. Round trips are counted in the first phase only."""
     stack.redis.flushall()
     stack.emulator.update_config(queue_s=0, run_s=0, capacity=100_000, output_min_bytes=0)
     count_file = tempfile.mktemp(prefix="bench-redis-count-")
@@ -130,9 +133,6 @@ def service_throughput(
                 result["worker_redis"] = redis_counter.diff(after, worker_before)
                 result["producer_redis"] = redis_counter.diff(producer_after, producer_before)
             results.append(result)
-        if poll_capacity is not None:
-            results.append(_poll_capacity(stack, producer, worker, *poll_capacity))
-            worker.kill()  # thousands of due polls: nothing worth a warm shutdown
     finally:
         stack.emulator.set_faults([])
         stack.emulator.update_config(run_s=0)
@@ -143,23 +143,102 @@ def service_throughput(
     return results
 
 
-def _poll_capacity(
-    stack: Stack, producer: Any, worker: Worker, jobs: int, seconds: float
-) -> dict[str, Any]:
-    """Status checks/s when every one of ``jobs`` generations (an hour long) polls as often
-    as ``POLL_MIN_INTERVAL_S`` allows: a backlog, so the worker runs polls flat out."""
+def poll_capacity(
+    stack: Stack, jobs: int, rounds: int, window_s: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Status checks/s of the service and of its floor, measured in turns.
+
+    The service worker's ``jobs`` generations (an hour long) poll as often as
+    ``POLL_MIN_INTERVAL_S`` allows, so it has a backlog and runs checks flat out; the floor
+    worker (``bench.baseline_app``, Redis database 1) polls as many hour-long requests with
+    ``bench.poll_floor`` chains. Both are started, then stopped (SIGSTOP); each of ``rounds``
+    resumes one, lets it settle, counts for ``window_s``, stops it, then the other (the
+    order alternates). Returns (service, floor), each summed over its windows."""
+    from api_contracts.messages import ALL_QUEUES
+
+    stack.redis.flushall()
     stack.emulator.set_faults([])
-    stack.emulator.update_config(run_s=LONG_RUN_S)
-    before = stack.emulator.counters()["submits"]
-    for i in range(jobs):
-        producer.enqueue(job_request(n=i))
-    wait_until(lambda: stack.emulator.counters()["submits"] - before >= jobs, 60, "submits", 0.05)
-    time.sleep(0.3)  # let the backlog form
-    return _count_status_calls(stack, worker, jobs, seconds)
+    stack.emulator.update_config(queue_s=0, run_s=LONG_RUN_S, capacity=100_000)
+    service = Worker(stack.env(0, **FAST), pool="threads", concurrency=8, name="poll-service")
+    floor = Worker(
+        stack.env(1, **FAST),
+        pool="threads",
+        concurrency=8,
+        app_module="bench.baseline_app",
+        queues=",".join(ALL_QUEUES),
+        name="poll-floor",
+    )
+    producer = stack.producer(0, **FAST)
+    floor_app = stack.producer(1, **FAST).app
+    windows: dict[str, list[dict[str, Any]]] = {"service": [], "floor": []}
+    try:
+        start_all([service, floor])
+        before = stack.emulator.counters()["submits"]
+        for i in range(jobs):
+            producer.enqueue(job_request(n=i))
+        wait_until(
+            lambda: stack.emulator.counters()["submits"] - before >= jobs, 60, "submits", 0.05
+        )
+        # The floor's chains stop on their own a little after the last window (the worker is
+        # killed before then anyway).
+        until = time.time() + rounds * 2 * (window_s + SETTLE_S) + 30.0
+        _start_floor_chains(stack, floor_app, jobs, until)
+        time.sleep(SETTLE_S)  # let every chain start, and the service's backlog form
+        _pause(service)
+        _pause(floor)
+        for turn in range(rounds):
+            pair = [("service", service), ("floor", floor)]
+            for name, worker in pair if turn % 2 == 0 else pair[::-1]:
+                _resume(worker)
+                time.sleep(SETTLE_S)
+                windows[name].append(_count_status_calls(stack, worker, window_s))
+                _pause(worker)
+    finally:
+        for worker in (service, floor):
+            _resume(worker)
+            worker.kill()  # thousands of due polls: nothing worth a warm shutdown
+            worker.close()
+        stack.emulator.update_config(run_s=0)
+        producer.app.close_runtime()
+        floor_app.close_runtime()
+    ratios = [
+        s["status_calls"] / f["status_calls"] if f["status_calls"] else 0.0
+        for s, f in zip(windows["service"], windows["floor"], strict=True)
+    ]
+    return _windows_total(windows["service"], jobs, ratios), _windows_total(
+        windows["floor"], jobs, ratios
+    )
 
 
-def _count_status_calls(stack: Stack, worker: Worker, jobs: int, seconds: float) -> dict[str, Any]:
-    """Status calls/s the emulator answers over ``seconds``, and the worker's CPU per call."""
+#: After a worker resumes: its in-flight answers land and it is back at full speed.
+SETTLE_S = 0.3
+
+
+def _pause(worker: Worker) -> None:
+    os.killpg(worker.pid, signal.SIGSTOP)
+
+
+def _resume(worker: Worker) -> None:
+    if worker.alive():
+        os.killpg(worker.pid, signal.SIGCONT)
+
+
+def _start_floor_chains(stack: Stack, app: Any, jobs: int, until: float) -> None:
+    """``jobs`` hour-long requests submitted straight to the emulator, each polled by a
+    ``bench.poll_floor`` chain (one GET, then the next at once)."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    path = f"/v1/models/{DEFAULT_MODEL_ID}"
+    with httpx.Client(base_url=stack.emulator.base_url, headers=headers, timeout=10) as client:
+        answers = [client.post(path, json=job_request(n=i)["input"]) for i in range(jobs)]
+    ids = [answer.raise_for_status().json()["request_id"] for answer in answers]
+    for request_id in ids:
+        app.send_task(
+            "bench.poll_floor", args=[request_id, until], queue=QUEUE_POLL, routing_key=QUEUE_POLL
+        )
+
+
+def _count_status_calls(stack: Stack, worker: Worker, seconds: float) -> dict[str, Any]:
+    """Status calls the emulator answers over ``seconds``, and the worker's CPU meanwhile."""
     cpu_before = stack.cpu_seconds(worker)["worker"]
     calls_before = stack.emulator.counters()["status_calls"]
     started = time.monotonic()
@@ -167,36 +246,23 @@ def _count_status_calls(stack: Stack, worker: Worker, jobs: int, seconds: float)
     calls = stack.emulator.counters()["status_calls"] - calls_before
     elapsed = time.monotonic() - started
     cpu = stack.cpu_seconds(worker)["worker"] - cpu_before
+    return {"seconds": elapsed, "status_calls": calls, "cpu_s": cpu}
+
+
+def _windows_total(windows: list[dict[str, Any]], jobs: int, ratios: list[float]) -> dict[str, Any]:
+    calls = sum(w["status_calls"] for w in windows)
+    seconds = sum(w["seconds"] for w in windows)
+    cpu = sum(w["cpu_s"] for w in windows)
     return {
         "jobs": jobs,
-        "seconds": round(elapsed, 2),
+        "windows": len(windows),
+        "seconds": round(seconds, 2),
         "status_calls": calls,
-        "polls_per_s": calls / elapsed,
+        "polls_per_s": calls / seconds if seconds else 0.0,
         "worker_cpu_us_per_check": round(cpu * 1e6 / calls, 1) if calls else None,
+        "per_window_polls_per_s": [round(w["status_calls"] / w["seconds"], 1) for w in windows],
+        "per_round_ratio": [round(r, 3) for r in ratios],
     }
-
-
-def _floor_capacity(
-    stack: Stack, app: Any, worker: Worker, jobs: int, seconds: float
-) -> dict[str, Any]:
-    """The floor of ``_poll_capacity``: ``jobs`` hour-long requests submitted straight to the
-    emulator, each polled by a ``bench.poll_floor`` chain (one GET, then the next at once)."""
-    stack.emulator.set_faults([])
-    stack.emulator.update_config(run_s=LONG_RUN_S, capacity=100_000)
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    path = f"/v1/models/{DEFAULT_MODEL_ID}"
-    with httpx.Client(base_url=stack.emulator.base_url, headers=headers, timeout=10) as client:
-        answers = [client.post(path, json=job_request(n=i)["input"]) for i in range(jobs)]
-    ids = [answer.raise_for_status().json()["request_id"] for answer in answers]
-    # The chains stop on their own a little after the measurement (the worker is killed
-    # before then anyway).
-    until = time.time() + seconds + 5.0
-    for request_id in ids:
-        app.send_task(
-            "bench.poll_floor", args=[request_id, until], queue=QUEUE_POLL, routing_key=QUEUE_POLL
-        )
-    time.sleep(0.3)  # as for the service: let every chain start
-    return _count_status_calls(stack, worker, jobs, seconds)
 
 
 def _latency(seconds: float) -> list[FaultRule]:
@@ -224,11 +290,8 @@ def bare_chain_throughput(
     *,
     pool: str,
     concurrency: int,
-    poll_floor: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
-    """Jobs/s of 4-hop no-I/O chains on the same broker configuration. With ``poll_floor``
-    = ``(chains, seconds)``, ``result["poll_floor"]`` holds the same worker's status checks/s
-    on ``bench.poll_floor`` chains."""
+    """Jobs/s of 4-hop no-I/O chains on the same broker configuration."""
     from api_contracts.messages import ALL_QUEUES
 
     stack.redis.flushall()
@@ -263,11 +326,7 @@ def bare_chain_throughput(
         seconds = chains(n, WARMUP_JOBS)
         cpu = _cpu_ms_per_job(stack.cpu_seconds(worker), cpu_before, n)
         result = {"jobs": n, "seconds": seconds, "jobs_per_s": n / seconds, "cpu_ms_per_job": cpu}
-        if poll_floor is not None:
-            result["poll_floor"] = _floor_capacity(stack, app, worker, *poll_floor)
-            worker.kill()  # chains publishing back to back: nothing worth a warm shutdown
     finally:
-        stack.emulator.update_config(run_s=0)
         worker.close()
         app.close_runtime()
     return result
@@ -307,17 +366,18 @@ def run(stack: Stack, quick: bool) -> list[Row]:
     n = 40 if quick else 400
     n_slow = 16 if quick else 120
     slow = UPSTREAM_LATENCY_S
-    poll_jobs = (100, 2.0) if quick else (400, 4.0)
-    threads, slow_threads, capacity = service_throughput(
-        stack,
-        [(n, 0.0), (n_slow, slow)],
-        pool="threads",
-        concurrency=8,
-        count_redis=True,
-        poll_capacity=poll_jobs,
+    # (jobs, rounds, window s): each worker counts rounds x window s in all.
+    poll_turns = (100, 5, 1.0) if quick else (400, 10, 2.0)
+    # Round trips are counted on a worker of their own: the counting wrapper costs CPU on
+    # every command, and the timed worker must run exactly as the bare chain's does.
+    (counted,) = service_throughput(
+        stack, [(n, 0.0)], pool="threads", concurrency=8, count_redis=True
     )
-    bare = bare_chain_throughput(stack, n, pool="threads", concurrency=8, poll_floor=poll_jobs)
-    floor = bare.pop("poll_floor")
+    threads, slow_threads = service_throughput(
+        stack, [(n, 0.0), (n_slow, slow)], pool="threads", concurrency=8
+    )
+    bare = bare_chain_throughput(stack, n, pool="threads", concurrency=8)
+    capacity, floor = poll_capacity(stack, *poll_turns)
     # Quick mode skips prefork at zero latency: the I/O-bound case is the one that decides.
     prefork_phases = [(n_slow, slow)] if quick else [(n, 0.0), (n_slow, slow)]
     prefork = service_throughput(stack, prefork_phases, pool="prefork", concurrency=2)
@@ -342,8 +402,8 @@ def run(stack: Stack, quick: bool) -> list[Row]:
     if not quick:
         rows.append(_pool_row("zero latency", prefork[0], threads))
     rows.append(_pool_row("50 ms upstream latency", prefork[-1], slow_threads))
-    worker = per_job(threads["worker_redis"], n)
-    producer = per_job(threads["producer_redis"], n)
+    worker = per_job(counted["worker_redis"], n)
+    producer = per_job(counted["producer_redis"], n)
     rows.append(
         Row(
             "redis round trips per job (producer + worker)",
@@ -360,6 +420,7 @@ def run(stack: Stack, quick: bool) -> list[Row]:
         )
     )
     poll_ratio = capacity["polls_per_s"] / floor["polls_per_s"] if floor["polls_per_s"] else 0
+    ratios = capacity["per_round_ratio"] or [0.0]
     rows.append(
         Row(
             "poll capacity vs floor (threads -c 8)",
@@ -371,7 +432,8 @@ def run(stack: Stack, quick: bool) -> list[Row]:
             note=(
                 f"{capacity['jobs']} hour-long jobs polling back to back vs as many "
                 "bench.poll_floor chains (one status GET, then the next at once), same pool, "
-                f"{capacity['seconds']:.0f} s each; worker CPU "
+                f"in turns: {capacity['windows']} windows each, {capacity['seconds']:.0f} s "
+                f"in all; per-round ratio {min(ratios):.2f}–{max(ratios):.2f}; worker CPU "
                 f"{_us(capacity['worker_cpu_us_per_check'])} µs/check vs "
                 f"{_us(floor['worker_cpu_us_per_check'])} for the floor"
             ),

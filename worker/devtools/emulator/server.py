@@ -137,6 +137,7 @@ class _HTTPFrontend:
         self.emulator = emulator
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._closing = False
 
     async def handle_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -152,32 +153,42 @@ class _HTTPFrontend:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         aborted = False
         try:
-            while not aborted:
-                try:
-                    async with asyncio.timeout(IDLE_TIMEOUT_S):
-                        head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, TimeoutError):
-                    break
-                except asyncio.LimitOverrunError:
-                    await self._send_error(writer, _BadRequest(431, "request head too large"))
-                    break
-                try:
-                    keep_alive = await self._one_request(reader, writer, head)
-                except _BadRequest as exc:
-                    await self._send_error(writer, exc)
-                    break
-                if keep_alive is None:
-                    aborted = True
-                elif not keep_alive:
-                    break
+            aborted = await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # close_all() cancelled us: end quietly. On Python < 3.12 a cancelled handler
+            # task makes asyncio's start_server callback log a CancelledError traceback
+            # (CPython gh-113538).
         finally:
             self._writers.discard(writer)
             if task is not None:
                 self._tasks.discard(task)
             if not aborted:
                 writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer requests until the connection is to close; True if a reply reset it."""
+        while True:
+            try:
+                async with asyncio.timeout(IDLE_TIMEOUT_S):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return False
+            except asyncio.LimitOverrunError:
+                await self._send_error(writer, _BadRequest(431, "request head too large"))
+                return False
+            try:
+                keep_alive = await self._one_request(reader, writer, head)
+            except _BadRequest as exc:
+                await self._send_error(writer, exc)
+                return False
+            if keep_alive is None:
+                return True
+            if not keep_alive:
+                return False
 
     async def _one_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes
@@ -251,6 +262,7 @@ class _HTTPFrontend:
 
     async def close_all(self) -> None:
         """Abort every open connection and wait for their handlers to finish."""
+        self._closing = True
         for writer in list(self._writers):
             writer.transport.abort()
         tasks = list(self._tasks)

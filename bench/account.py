@@ -66,8 +66,8 @@ def _run(stack: Stack, tenants: dict[str, int], capped: bool) -> dict[str, Any]:
     extra = dict(SETTINGS)
     if capped:
         extra["RUNCOMFY_MAX_CONCURRENCY"] = str(CAP)
-    producer = stack.producer(**extra)
-    workers = [Worker(stack.env(**extra), name=f"account{i}") for i in range(2)]
+    producer = stack.producer(0, **extra)
+    workers = [Worker(stack.env(0, **extra), name=f"account{i}") for i in range(2)]
     start_all(workers)
     redis_pid = int(stack.redis.info("server")["process_id"])
     cpu_before = sum(tree_cpu_seconds(w.pid) for w in workers) + cpu_seconds(redis_pid)

@@ -278,11 +278,11 @@ class Chaos:
             self.timeline.note(f"deleted {removed} broker message(s) of {len(victims)} job(s)")
 
     def _in_flight_sample(self, n: int) -> list[str]:
-        members = [m.decode() for m in self.redis.zrange("rcw:inflight", 0, -1)]
+        members = [_text(m) for m in self.redis.zrange("rcw:inflight", 0, -1)]
         return self.rng.sample(members, min(n, len(members)))
 
-    def _window(self, at: float, length: float, name: str, down: Callable[[], None],
-                up: Callable[[], None]) -> None:  # fmt: skip
+    def _window(self, at: float, length: float, name: str, down: Callable[[], object],
+                up: Callable[[], object]) -> None:  # fmt: skip
         while not self._stop.is_set() and self.timeline.now() < at:
             time.sleep(0.05)
         down()
@@ -336,7 +336,7 @@ class Chaos:
     def _versions_in_flight(self) -> dict[str, int]:
         versions = {}
         for member in self.redis.zrange("rcw:inflight", 0, -1):
-            job_id = member.decode()
+            job_id = _text(member)
             version = self.redis.hget(f"rcw:job:{job_id}", "version")
             if version is not None:
                 versions[job_id] = int(version)
@@ -395,6 +395,11 @@ class Chaos:
         return threads
 
 
+def _text(value: Any) -> str:
+    """A Redis reply (bytes: the client does not decode) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def delete_messages_of(client: redis.Redis, job_id: str) -> int:
     """Delete every broker message naming ``job_id``: queued ones and kombu's ``unacked``."""
     needle = job_id.encode()
@@ -402,7 +407,8 @@ def delete_messages_of(client: redis.Redis, job_id: str) -> int:
     for queue in ALL_QUEUES:
         for raw in client.lrange(queue, 0, -1):
             if needle in raw:
-                removed += int(client.lrem(queue, 1, raw))
+                # redis-py's stubs say str; it sends bytes as they are.
+                removed += int(client.lrem(queue, 1, raw))  # type: ignore[arg-type]
     for tag, raw in client.hgetall("unacked").items():
         if needle in raw:
             removed += int(client.hdel("unacked", tag))

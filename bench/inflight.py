@@ -80,8 +80,8 @@ def held_polls(stack: Stack, n: int, naive_tasks: int) -> dict[str, Any]:
     threads polling twice a second): how many generations it holds is read at the end."""
     stack.redis.flushall()
     stack.emulator.update_config(queue_s=0, run_s=3600, capacity=1_000_000, output_min_bytes=0)
-    producer = stack.producer(**HELD)
-    worker = Worker(stack.env(**HELD), name="inflight")
+    producer = stack.producer(0, **HELD)
+    worker = Worker(stack.env(0, **HELD), name="inflight")
     naive_app = stack.producer(1).app
     naive_redis = redis.Redis.from_url(stack.redis_url(1))
     naive = Worker(stack.env(1), app_module="bench.baseline_app", queues=QUEUE_SUBMIT, name="naive")

@@ -101,7 +101,7 @@ class _Detections:
 
     def __init__(self, url: str) -> None:
         self._client = redis.Redis.from_url(url)
-        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         self._pubsub.psubscribe(EVENTS_CHANNEL_PREFIX + "*")
         self.seen: dict[str, float] = {}
         self._stop = threading.Event()

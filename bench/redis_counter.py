@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,10 @@ def install() -> None:
         return
     from redis.connection import AbstractConnection
 
-    send_packed = AbstractConnection.send_packed_command
-    send_command = AbstractConnection.send_command
-    pack_commands = AbstractConnection.pack_commands
+    # redis-py leaves these unannotated: typed here as what they are, plain callables.
+    send_packed: Callable[..., Any] = AbstractConnection.send_packed_command
+    send_command: Callable[..., Any] = AbstractConnection.send_command
+    pack_commands: Callable[..., Any] = AbstractConnection.pack_commands
 
     def counted_send_packed(self: Any, command: Any, check_health: bool = True) -> Any:
         kind = getattr(_state.pending, "kind", None) or "?"

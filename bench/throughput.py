@@ -363,7 +363,7 @@ def _pool_row(label: str, prefork: dict[str, Any], threads: dict[str, Any]) -> R
 
 def run(stack: Stack, quick: bool) -> list[Row]:
     """Throughput vs the bare chain, threads vs prefork, and round trips per job."""
-    n = 40 if quick else 400
+    n = 100 if quick else 400
     n_slow = 16 if quick else 120
     slow = UPSTREAM_LATENCY_S
     # (jobs, rounds, window s): each worker counts rounds x window s in all.

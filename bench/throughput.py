@@ -4,7 +4,9 @@
   webhook receiver. Jobs/s from the first ``Producer.enqueue`` to the last webhook received.
   Every job is exactly four tasks: submit → poll (finds it completed) → archive → notify.
 * Floor: ``bench.hop`` chains of four countdown-0 hops over the same queues, same pool, same
-  Redis, same Celery configuration, no I/O (bench/baseline_app.py).
+  Redis (database 1), same Celery configuration, no I/O (bench/baseline_app.py). Both workers
+  are up at once and take turns (SIGSTOP/SIGCONT): batches of jobs, alternately service and
+  chain, so both see the same machine.
 * Pools: ``-P prefork -c 2`` against ``-P threads -c 8`` (gevent/eventlet are not installed),
   at zero latency (CPU-bound: two processes use both cores) and with 50 ms added to every
   upstream answer (I/O-bound, as in production: only 2 tasks can wait at once under prefork).
@@ -29,6 +31,7 @@ import time
 from typing import Any
 
 import httpx
+import redis
 
 from api_contracts.messages import QUEUE_POLL
 from bench import redis_counter
@@ -154,20 +157,10 @@ def poll_capacity(
     ``bench.poll_floor`` chains. Both are started, then stopped (SIGSTOP); each of ``rounds``
     resumes one, lets it settle, counts for ``window_s``, stops it, then the other (the
     order alternates). Returns (service, floor), each summed over its windows."""
-    from api_contracts.messages import ALL_QUEUES
-
     stack.redis.flushall()
     stack.emulator.set_faults([])
     stack.emulator.update_config(queue_s=0, run_s=LONG_RUN_S, capacity=100_000)
-    service = Worker(stack.env(0, **FAST), pool="threads", concurrency=8, name="poll-service")
-    floor = Worker(
-        stack.env(1, **FAST),
-        pool="threads",
-        concurrency=8,
-        app_module="bench.baseline_app",
-        queues=",".join(ALL_QUEUES),
-        name="poll-floor",
-    )
+    service, floor = _worker_pair(stack, "poll")
     producer = stack.producer(0, **FAST)
     floor_app = stack.producer(1, **FAST).app
     windows: dict[str, list[dict[str, Any]]] = {"service": [], "floor": []}
@@ -212,6 +205,23 @@ def poll_capacity(
 
 #: After a worker resumes: its in-flight answers land and it is back at full speed.
 SETTLE_S = 0.3
+
+
+def _worker_pair(stack: Stack, label: str) -> tuple[Worker, Worker]:
+    """The service's threads worker (Redis database 0) and the baseline app's, with the same
+    pool, concurrency and settings, on database 1 (their queues have the same names)."""
+    from api_contracts.messages import ALL_QUEUES
+
+    service = Worker(stack.env(0, **FAST), pool="threads", concurrency=8, name=f"{label}-service")
+    baseline = Worker(
+        stack.env(1, **FAST),
+        pool="threads",
+        concurrency=8,
+        app_module="bench.baseline_app",
+        queues=",".join(ALL_QUEUES),
+        name=f"{label}-baseline",
+    )
+    return service, baseline
 
 
 def _pause(worker: Worker) -> None:
@@ -284,52 +294,96 @@ def _idle(stack: Stack) -> bool:
     return unacked(stack.redis) == 0 and not any(queue_lengths(stack.redis).values())
 
 
-def bare_chain_throughput(
-    stack: Stack,
-    n: int,
-    *,
-    pool: str,
-    concurrency: int,
-) -> dict[str, Any]:
-    """Jobs/s of 4-hop no-I/O chains on the same broker configuration."""
+def end_to_end(stack: Stack, jobs: int, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Jobs/s of the service and of the bare chain, in turns.
+
+    Both workers are started (the chain's on Redis database 1), warmed up and stopped
+    (SIGSTOP); each of ``rounds`` resumes one, runs ``jobs`` jobs (the service: first enqueue
+    to last webhook, then until it is idle; the chain: first publish to last ``INCR``), stops
+    it, then the other (the order alternates). Returns (service, chain) over all rounds."""
     from api_contracts.messages import ALL_QUEUES
 
     stack.redis.flushall()
-    worker = Worker(
-        stack.env(0, **FAST),
-        pool=pool,
-        concurrency=concurrency,
-        app_module="bench.baseline_app",
-        queues=",".join(ALL_QUEUES),
-        name=f"bare-{pool}",
-    )
-    app = stack.producer(0, **FAST).app
-    first = ALL_QUEUES[0]
+    stack.emulator.set_faults([])
+    stack.emulator.update_config(queue_s=0, run_s=0, capacity=100_000, output_min_bytes=0)
+    service, chain = _worker_pair(stack, "e2e")
+    producer = stack.producer(0, **FAST)
+    chain_app = stack.producer(1, **FAST).app
+    chain_redis = redis.Redis.from_url(stack.redis_url(1))
+    published = [0]
 
-    def chains(count: int, offset: int) -> float:
-        target = offset + count
+    def run_service(n: int) -> float:
+        seconds, _ = _run_jobs(stack, producer, n, timeout_s=max(60.0, n / 2))
+        wait_until(lambda: _idle(stack), 10, "worker to go idle")
+        return seconds
+
+    def run_chains(n: int) -> float:
+        first, offset = ALL_QUEUES[0], published[0]
+        published[0] += n
         started = time.time()
-        for i in range(count):
-            app.send_task("bench.hop", args=[offset + i, 1], queue=first, routing_key=first)
+        for i in range(n):
+            chain_app.send_task("bench.hop", args=[offset + i, 1], queue=first, routing_key=first)
         wait_until(
-            lambda: int(stack.redis.get(CHAIN_DONE_KEY) or 0) >= target,
-            max(60.0, count / 5),
+            lambda: int(chain_redis.get(CHAIN_DONE_KEY) or 0) >= published[0],
+            max(60.0, n / 5),
             "bare chains",
             interval_s=0.005,
         )
         return time.time() - started
 
+    batches: dict[str, list[dict[str, float]]] = {"service": [], "chain": []}
     try:
-        worker.start()
-        chains(WARMUP_JOBS, 0)
-        cpu_before = stack.cpu_seconds(worker)
-        seconds = chains(n, WARMUP_JOBS)
-        cpu = _cpu_ms_per_job(stack.cpu_seconds(worker), cpu_before, n)
-        result = {"jobs": n, "seconds": seconds, "jobs_per_s": n / seconds, "cpu_ms_per_job": cpu}
+        start_all([service, chain])
+        run_service(WARMUP_JOBS)
+        run_chains(WARMUP_JOBS)
+        _pause(service)
+        _pause(chain)
+        for turn in range(rounds):
+            pair = [("service", service, run_service), ("chain", chain, run_chains)]
+            for name, worker, batch in pair if turn % 2 == 0 else pair[::-1]:
+                _resume(worker)
+                time.sleep(SETTLE_S)
+                cpu_before = stack.cpu_seconds(worker)
+                seconds = batch(jobs)
+                cpu = _cpu_ms_per_job(stack.cpu_seconds(worker), cpu_before, jobs)
+                batches[name].append({"seconds": seconds, **cpu})
+                _pause(worker)
     finally:
-        worker.close()
-        app.close_runtime()
-    return result
+        for worker in (service, chain):
+            _resume(worker)
+            worker.close()
+        producer.app.close_runtime()
+        chain_app.close_runtime()
+        chain_redis.close()
+    ratios = [
+        c["seconds"] / s["seconds"]
+        for s, c in zip(batches["service"], batches["chain"], strict=True)
+    ]
+    return _batches_total(batches["service"], jobs, ratios), _batches_total(
+        batches["chain"], jobs, ratios
+    )
+
+
+def _batches_total(
+    batches: list[dict[str, float]], jobs: int, ratios: list[float]
+) -> dict[str, Any]:
+    seconds = sum(b["seconds"] for b in batches)
+    total = jobs * len(batches)
+    cpu = {
+        name: round(sum(b[name] for b in batches) / len(batches), 2)
+        for name in batches[0]
+        if name != "seconds"
+    }
+    return {
+        "jobs": total,
+        "rounds": len(batches),
+        "seconds": round(seconds, 3),
+        "jobs_per_s": total / seconds,
+        "tasks_per_s": total * HOPS_PER_JOB / seconds,
+        "cpu_ms_per_job": cpu,
+        "per_round_jobs_per_s": [round(jobs / b["seconds"], 1) for b in batches],
+        "per_round_ratio": [round(r, 3) for r in ratios],
+    }
 
 
 def per_job(counts: dict[str, int], jobs: int) -> dict[str, Any]:
@@ -368,40 +422,43 @@ def run(stack: Stack, quick: bool) -> list[Row]:
     slow = UPSTREAM_LATENCY_S
     # (jobs, rounds, window s): each worker counts rounds x window s in all.
     poll_turns = (100, 5, 1.0) if quick else (400, 10, 2.0)
+    # (jobs, rounds): each side runs jobs x rounds.
+    e2e_turns = (40, 3) if quick else (100, 4)
     # Round trips are counted on a worker of their own: the counting wrapper costs CPU on
     # every command, and the timed worker must run exactly as the bare chain's does.
     (counted,) = service_throughput(
         stack, [(n, 0.0)], pool="threads", concurrency=8, count_redis=True
     )
-    threads, slow_threads = service_throughput(
-        stack, [(n, 0.0), (n_slow, slow)], pool="threads", concurrency=8
-    )
-    bare = bare_chain_throughput(stack, n, pool="threads", concurrency=8)
+    e2e, bare = end_to_end(stack, *e2e_turns)
+    threads_phases = [(n_slow, slow)] if quick else [(n, 0.0), (n_slow, slow)]
+    threads = service_throughput(stack, threads_phases, pool="threads", concurrency=8)
     capacity, floor = poll_capacity(stack, *poll_turns)
-    # Quick mode skips prefork at zero latency: the I/O-bound case is the one that decides.
-    prefork_phases = [(n_slow, slow)] if quick else [(n, 0.0), (n_slow, slow)]
-    prefork = service_throughput(stack, prefork_phases, pool="prefork", concurrency=2)
-    ratio = threads["jobs_per_s"] / bare["jobs_per_s"]
-    cpu = threads["cpu_ms_per_job"]
+    # Quick mode skips the pools at zero latency: the I/O-bound case is the one that decides.
+    prefork = service_throughput(stack, threads_phases, pool="prefork", concurrency=2)
+    ratio = e2e["jobs_per_s"] / bare["jobs_per_s"]
+    cpu = e2e["cpu_ms_per_job"]
+    e2e_ratios = e2e["per_round_ratio"] or [0.0]
     rows = [
         Row(
             "throughput: jobs/s submit→webhook (threads -c 8)",
-            threads["jobs_per_s"],
+            e2e["jobs_per_s"],
             "jobs/s",
             baseline=bare["jobs_per_s"],
             target="≥ 0.5 of bare chain",
             passed=ratio >= 0.5,
             note=(
-                f"{n} jobs, zero-latency emulator; baseline = 4-hop countdown-0 chain, no I/O, "
-                f"same pool; worker CPU {cpu['worker']:.0f} ms/job vs "
-                f"{bare['cpu_ms_per_job']['worker']:.0f} for the chain"
+                f"{e2e['jobs']} jobs, zero-latency emulator; baseline = 4-hop countdown-0 "
+                f"chain, no I/O, same pool; in turns, {e2e['rounds']} rounds each, per-round "
+                f"ratio {min(e2e_ratios):.2f}–{max(e2e_ratios):.2f}; worker CPU "
+                f"{cpu['worker']:.0f} ms/job vs {bare['cpu_ms_per_job']['worker']:.0f} for "
+                "the chain"
             ),
-            details={"service": _slim(threads), "bare_chain": bare},
+            details={"service": e2e, "bare_chain": bare},
         )
     ]
     if not quick:
-        rows.append(_pool_row("zero latency", prefork[0], threads))
-    rows.append(_pool_row("50 ms upstream latency", prefork[-1], slow_threads))
+        rows.append(_pool_row("zero latency", prefork[0], threads[0]))
+    rows.append(_pool_row("50 ms upstream latency", prefork[-1], threads[-1]))
     worker = per_job(counted["worker_redis"], n)
     producer = per_job(counted["producer_redis"], n)
     rows.append(

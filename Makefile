@@ -23,7 +23,7 @@ test-fast: $(STAMP)  ## unit tests only
 lint: $(STAMP)  ## ruff + mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker api_contracts bench
+	$(BIN)/mypy worker api_contracts bench tests
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -68,28 +68,27 @@ class GenerationInput(BaseModel):
             description="What to draw; 1 to 800 characters, not only whitespace.",
         ),
     ]
+    # Defaults after "=", not in Field(): pydantic's mypy plugin only sees them there.
     size: Annotated[
         str,
         Field(
-            default=DEFAULT_SIZE,
             alias=SIZE_KEY,
             json_schema_extra={"enum": list(SIZES)},
             description="Output size: an enum value (the short form 2048x2048 is accepted).",
         ),
-    ]
+    ] = DEFAULT_SIZE
     scale: Annotated[
         float,
         Field(
-            default=DEFAULT_SCALE,
             ge=0,
             le=1,
             strict=False,
             description="How strongly the prompt steers the result, 0..1.",
         ),
-    ]
+    ] = DEFAULT_SCALE
     force_single: Annotated[
-        StrictBool, Field(default=False, description="Ask upstream for exactly one image.")
-    ]
+        StrictBool, Field(description="Ask upstream for exactly one image.")
+    ] = False
 
     @field_validator("prompt")
     @classmethod

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -39,7 +39,7 @@ FAST = {"queue_s": 0.2, "run_s": 0.3}
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
+def stack(stack_factory: Callable[..., Stack]) -> Iterator[Stack]:
     """A stack with a worker on every queue."""
     s = stack_factory(EmulatorConfig(token=TOKEN, capacity=8, seed=5, **FAST))
     s.start_worker()
@@ -48,7 +48,7 @@ def stack(stack_factory) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def idle_stack(stack_factory) -> Stack:  # type: ignore[no-untyped-def]
+def idle_stack(stack_factory: Callable[..., Stack]) -> Stack:
     """A stack whose worker does not consume runcomfy.submit: jobs stay ``queued``, and the
     submit list's length tells exactly what producers enqueued. Notifications still go out."""
     s = stack_factory(EmulatorConfig(token=TOKEN, seed=6, **FAST))

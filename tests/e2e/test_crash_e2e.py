@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from api_contracts.jobs import JobStatus
@@ -13,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory) -> Stack:  # type: ignore[no-untyped-def]
+def stack(stack_factory: Callable[..., Stack]) -> Stack:
     return stack_factory(
         EmulatorConfig(token=TOKEN, queue_s=0.2, run_s=5.0, capacity=16, seed=9),
         BROKER_VISIBILITY_TIMEOUT_S="10",

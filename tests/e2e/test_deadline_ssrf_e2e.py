@@ -10,7 +10,8 @@ import pytest
 from api_contracts.jobs import JobStatus, WebhookState
 from api_contracts.messages import QUEUE_SUBMIT, TASK_SUBMIT
 from worker.devtools.emulator import EmulatorConfig
-from worker.producer.producer import InvalidRequestError, new_job_id
+from worker.errors import InvalidRequestError
+from worker.producer.producer import new_job_id
 
 from .conftest import TOKEN, Stack, assert_clean_log
 

@@ -6,6 +6,8 @@ never strands a job."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import cast
 
 import pytest
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory) -> Stack:  # type: ignore[no-untyped-def]
+def stack(stack_factory: Callable[..., Stack]) -> Stack:
     stack = stack_factory(
         EmulatorConfig(token=TOKEN, queue_s=0.2, run_s=2.0, capacity=16, seed=11),
         # The broker would bring a killed worker's messages back only after an hour.
@@ -70,7 +72,8 @@ def test_a_killed_worker_and_deleted_messages_still_end_every_job(stack: Stack) 
     assert {f"msg_{j}" for j in jobs} <= set(stack.receiver.events_by_id())
     assert stack.emulator.counters()["submits"] - submits_before == len(jobs)  # no resubmit
     assert stack.redis.zcard(INFLIGHT_KEY) == 0
-    assert not {m.decode() for m in stack.redis.zrange(DUE_KEY, 0, -1)} & set(jobs)
+    due = cast("list[bytes]", stack.redis.zrange(DUE_KEY, 0, -1))
+    assert not {m.decode() for m in due} & set(jobs)
     assert_clean_log(stack)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -223,8 +224,8 @@ def test_malformed_messages_on_every_queue_do_not_stop_the_worker(stack: Stack) 
     victim = submit(stack)
     stack.wait(victim)
     live = new_job_id()
-    stack.producer.rt.store.create_if_absent(live, None)  # type: ignore[arg-type]
-    bad = [
+    stack.producer.rt.store.create_if_absent(live, None)
+    bad: list[tuple[str, list[Any], dict[str, Any]]] = [
         (TASK_SUBMIT, [live, {"input": {"prompt": ""}}], {}),
         (TASK_SUBMIT, ["not a valid id!"], {}),
         (TASK_POLL, ["x"], {"seq": "many"}),

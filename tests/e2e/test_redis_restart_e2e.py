@@ -5,6 +5,7 @@ them back from the job store in seconds, not after the broker's visibility timeo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory) -> Stack:  # type: ignore[no-untyped-def]
+def stack(stack_factory: Callable[..., Stack]) -> Stack:
     stack = stack_factory(
         EmulatorConfig(token=TOKEN, queue_s=0.2, run_s=3.0, capacity=32, seed=3),
         redis_aof="everysec",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import re
 import threading
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -35,7 +36,7 @@ class Monitor:
         self._ready.wait(5)
 
     def _run(self) -> None:
-        with self.client.monitor() as m:
+        with self.client.monitor() as m:  # type: ignore[no-untyped-call]
             self._ready.set()
             for command in m.listen():
                 self.lines.append(str(command.get("command", "")))
@@ -49,7 +50,7 @@ class Monitor:
 
 
 @pytest.fixture(scope="module")
-def stack(stack_factory) -> Stack:  # type: ignore[no-untyped-def]
+def stack(stack_factory: Callable[..., Stack]) -> Stack:
     return stack_factory(
         EmulatorConfig(token=TOKEN, queue_s=0.1, run_s=0.2, capacity=16, seed=11),
         AWS_SECRET_ACCESS_KEY=S3_SECRET,

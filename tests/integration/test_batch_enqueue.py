@@ -8,7 +8,8 @@ import pytest
 
 from api_contracts.jobs import JobStatus
 from api_contracts.messages import QUEUE_SUBMIT
-from worker.producer.producer import InvalidRequestError, Producer
+from worker.errors import InvalidRequestError
+from worker.producer.producer import Producer
 
 pytestmark = pytest.mark.integration
 

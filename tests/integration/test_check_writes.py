@@ -26,10 +26,10 @@ def store(request: pytest.FixtureRequest) -> JobStore:
 
 
 def running(store: JobStore) -> StoredJob:
-    job, _ = store.create_if_absent("j1", REQ)
-    job = store.update(job, JobChange(status=JobStatus.SUBMITTING))
-    assert job is not None
-    job = store.update(job, JobChange(status=JobStatus.IN_PROGRESS, request_id="r1"))
+    created, _ = store.create_if_absent("j1", REQ)
+    submitting = store.update(created, JobChange(status=JobStatus.SUBMITTING))
+    assert submitting is not None
+    job = store.update(submitting, JobChange(status=JobStatus.IN_PROGRESS, request_id="r1"))
     assert job is not None
     return store.load("j1")
 
@@ -90,7 +90,7 @@ def test_check_only_moves_the_due_index_and_publishes_nothing(
 ) -> None:
     store = RedisJobStore(redis_client, ttl_s=120, deadline_s=1800)
     job = running(store)
-    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.subscribe(events_channel("j1"))
     try:
         assert store.update(job, check(job)) is not None

@@ -38,12 +38,13 @@ def own_redis() -> Iterator[EmbeddedRedis]:
 def restore_celery_state() -> Iterator[None]:
     """start_worker makes its app the default/current one and sets up logging (root level
     ERROR): undo both for later tests."""
-    default, current = _state.default_app, _state.get_current_app()
+    # celery-types does not declare these two module attributes.
+    default, current = _state.default_app, _state.get_current_app()  # type: ignore[attr-defined]
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     yield
     _state.set_default_app(default)
-    _state._set_current_app(current)
+    _state._set_current_app(current)  # type: ignore[attr-defined]
     root.setLevel(level)
     root.handlers[:] = handlers
 

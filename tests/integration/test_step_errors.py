@@ -14,6 +14,7 @@ from celery.contrib.testing.worker import start_worker
 from api_contracts.jobs import JobRequest, JobStatus
 from api_contracts.messages import TASK_POLL
 from worker.devtools.embedded import EmbeddedRedis
+from worker.jobs import decisions
 from worker.jobs.state import JobChange
 from worker.queueing import tasks
 from worker.queueing.config import ServiceCelery
@@ -49,7 +50,7 @@ def test_a_step_that_keeps_raising_fails_its_job_with_internal_error(
 
     monkeypatch.setitem(tasks.TASKS, TASK_POLL, broken_poll)
     monkeypatch.setattr(tasks, "MAX_STEP_RETRIES", 2)
-    monkeypatch.setattr(tasks.decisions, "backoff", lambda *_a, **_k: 0.1)
+    monkeypatch.setattr(decisions, "backoff", lambda *_a, **_k: 0.1)
     store = app.runtime.store
     job, _ = store.create_if_absent("boom1", JobRequest.model_validate({"input": {"prompt": "x"}}))
     for status in (JobStatus.SUBMITTING, JobStatus.IN_QUEUE):

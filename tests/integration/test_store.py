@@ -45,6 +45,7 @@ def test_create_if_absent_once(store: JobStore) -> None:
     if isinstance(store, RedisJobStore):
         assert store.redis.ttl(job_key("j1")) == -1  # no TTL while in flight
     else:
+        assert isinstance(store, InMemoryJobStore)
         assert "j1" not in store.ttls
 
 
@@ -192,7 +193,7 @@ def test_idempotency_different_request_refused(store: JobStore) -> None:
 
 def test_changes_are_published(redis_store: RedisJobStore) -> None:
     store = redis_store
-    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.subscribe(events_channel("j7"))
     job, _ = store.create_if_absent("j7", req())
     store.update(job, JobChange(status=JobStatus.SUBMITTING))

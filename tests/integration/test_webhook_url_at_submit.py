@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from api_contracts.messages import QUEUE_SUBMIT
-from worker.producer.producer import InvalidRequestError, Producer
+from worker.errors import InvalidRequestError
+from worker.producer.producer import Producer
 
 pytestmark = pytest.mark.integration
 

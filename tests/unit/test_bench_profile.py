@@ -109,7 +109,7 @@ def test_report_renders(whole_jobs: bool) -> None:
     profiler.create_stats()
     stats = profiler.stats
     json_key = [f"{_STDLIB}/json/encoder.py", 183, "encode"]
-    result = {
+    result: dict[str, Any] = {
         "jobs": 4,
         "timer": "thread CPU",
         "unprofiled": _window(100, 1.0, 0.3),
@@ -175,7 +175,7 @@ def test_step_table_splits_samples_by_step_and_package() -> None:
     sock = [f"{_STDLIB}/socket.py", 5, "readinto"]
     notify = [f"{ROOT}/worker/jobs/steps/notify.py", 24, "notify"]
     ack = [f"{SITE}/kombu/transport/virtual/base.py", 678, "basic_ack"]
-    stacks = [
+    stacks: list[list[Any]] = [
         [[loop, task, archive, boto, sock], 6],
         [[loop, task, archive], 2],
         [[loop, task, notify], 1],

@@ -183,7 +183,7 @@ def env_value(environment: Any, name: str) -> str | None:
     for item in environment or []:
         key, _, value = item.partition("=")
         if key == name:
-            return value
+            return str(value)
     return None
 
 
@@ -513,7 +513,7 @@ def test_compose_healthchecks_target_the_served_ports() -> None:
 
 def test_compose_matches_the_compose_spec() -> None:
     pytest.importorskip("check_jsonschema", reason="optional dev dependency")
-    import jsonschema
+    import jsonschema  # type: ignore[import-untyped]
 
     schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
     schema = json.loads(schema_file.read_text(encoding="utf-8"))
@@ -534,7 +534,8 @@ def containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
 
 
 def configmap_data() -> dict[str, str]:
-    return k8s_named("ConfigMap", "runcomfy-worker-config")["data"]
+    data: dict[str, str] = k8s_named("ConfigMap", "runcomfy-worker-config")["data"]
+    return data
 
 
 def test_kustomization_lists_every_manifest() -> None:

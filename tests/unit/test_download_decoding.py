@@ -31,9 +31,8 @@ class FakeS3:
 
     def head_object(self, **_: Any) -> Any:
         self.calls.append("HeadObject")
-        raise ClientError(
-            {"Error": {"Code": "404"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "HeadObject"
-        )
+        answer: Any = {"Error": {"Code": "404"}, "ResponseMetadata": {"HTTPStatusCode": 404}}
+        raise ClientError(answer, "HeadObject")
 
     def create_multipart_upload(self, **_: Any) -> Any:
         self.calls.append("CreateMultipartUpload")

@@ -148,7 +148,8 @@ def render_default(value: Any) -> str:
 def settings_variables() -> dict[str, str]:
     """Every environment variable of worker/settings.py with its default, as the README shows it."""
     found: dict[str, str] = {}
-    for cls in [*_SECTIONS.values(), _TopLevel]:
+    classes: list[Any] = [*_SECTIONS.values(), _TopLevel]
+    for cls in classes:
         for name, info in cls.model_fields.items():
             default = info.get_default(call_default_factory=True)
             found[f"{cls.env_prefix_name}{name}".upper()] = render_default(default)
@@ -233,8 +234,8 @@ def test_references_exist(reference: str) -> None:
         command = next(c for c, r in EXERCISED_ELSEWHERE.items() if r == reference)
         assert command in path.read_text(encoding="utf-8").splitlines(), (command, path)
         return
-    path, _, name = reference.partition("::")
-    assert f"def {name}(" in (ROOT / path).read_text(encoding="utf-8"), reference
+    file, _, name = reference.partition("::")
+    assert f"def {name}(" in (ROOT / file).read_text(encoding="utf-8"), reference
 
 
 def test_make_demo_runs_the_demo_command() -> None:

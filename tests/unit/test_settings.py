@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 from worker import settings as settings_module
+from worker.errors import ConfigError
 from worker.settings import (
     DEFAULT_MODEL_ID,
     DEFAULT_RUNCOMFY_BASE_URL,
     DEFAULT_WEBHOOK_RETRY_SCHEDULE,
-    ConfigError,
     load_settings,
 )
 

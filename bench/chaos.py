@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -50,6 +50,7 @@ from bench.common import (
     start_all,
 )
 from bench.faultproxy import FaultProxy
+from worker.constants import INFLIGHT_KEY
 from worker.devtools.embedded import EmbeddedRedis, EmbeddedSentinelGroup
 from worker.devtools.emulator import EmulatorConfig, EmulatorServer
 from worker.devtools.receiver import WebhookReceiver
@@ -278,7 +279,7 @@ class Chaos:
             self.timeline.note(f"deleted {removed} broker message(s) of {len(victims)} job(s)")
 
     def _in_flight_sample(self, n: int) -> list[str]:
-        members = [_text(m) for m in self.redis.zrange("rcw:inflight", 0, -1)]
+        members = [m.decode() for m in cast("list[bytes]", self.redis.zrange(INFLIGHT_KEY, 0, -1))]
         return self.rng.sample(members, min(n, len(members)))
 
     def _window(self, at: float, length: float, name: str, down: Callable[[], object],
@@ -335,8 +336,8 @@ class Chaos:
 
     def _versions_in_flight(self) -> dict[str, int]:
         versions = {}
-        for member in self.redis.zrange("rcw:inflight", 0, -1):
-            job_id = _text(member)
+        for member in cast("list[bytes]", self.redis.zrange(INFLIGHT_KEY, 0, -1)):
+            job_id = member.decode()
             version = self.redis.hget(f"rcw:job:{job_id}", "version")
             if version is not None:
                 versions[job_id] = int(version)
@@ -393,11 +394,6 @@ class Chaos:
         for thread in threads:
             thread.start()
         return threads
-
-
-def _text(value: Any) -> str:
-    """A Redis reply (bytes: the client does not decode) as text."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def delete_messages_of(client: redis.Redis, job_id: str) -> int:

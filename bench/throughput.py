@@ -28,6 +28,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -163,7 +164,6 @@ def poll_capacity(
     service, floor = _worker_pair(stack, "poll")
     producer = stack.producer(0, **FAST)
     floor_app = stack.producer(1, **FAST).app
-    windows: dict[str, list[dict[str, Any]]] = {"service": [], "floor": []}
     try:
         start_all([service, floor])
         before = stack.emulator.counters()["submits"]
@@ -177,15 +177,11 @@ def poll_capacity(
         until = time.time() + rounds * 2 * (window_s + SETTLE_S) + 30.0
         _start_floor_chains(stack, floor_app, jobs, until)
         time.sleep(SETTLE_S)  # let every chain start, and the service's backlog form
-        _pause(service)
-        _pause(floor)
-        for turn in range(rounds):
-            pair = [("service", service), ("floor", floor)]
-            for name, worker in pair if turn % 2 == 0 else pair[::-1]:
-                _resume(worker)
-                time.sleep(SETTLE_S)
-                windows[name].append(_count_status_calls(stack, worker, window_s))
-                _pause(worker)
+        windows = _in_turns(
+            {"service": service, "floor": floor},
+            rounds,
+            lambda _name, worker: _count_status_calls(stack, worker, window_s),
+        )
     finally:
         for worker in (service, floor):
             _resume(worker)
@@ -205,6 +201,24 @@ def poll_capacity(
 
 #: After a worker resumes: its in-flight answers land and it is back at full speed.
 SETTLE_S = 0.3
+
+
+def _in_turns(
+    workers: dict[str, Worker], rounds: int, measure: Callable[[str, Worker], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Stop every worker (SIGSTOP), then ``rounds`` times resume each in turn (the order
+    alternates), let it settle, ``measure`` it and stop it again: each one's measurements."""
+    for worker in workers.values():
+        _pause(worker)
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in workers}
+    order = list(workers.items())
+    for turn in range(rounds):
+        for name, worker in order if turn % 2 == 0 else order[::-1]:
+            _resume(worker)
+            time.sleep(SETTLE_S)
+            measured[name].append(measure(name, worker))
+            _pause(worker)
+    return measured
 
 
 def _worker_pair(stack: Stack, label: str) -> tuple[Worker, Worker]:
@@ -331,23 +345,18 @@ def end_to_end(stack: Stack, jobs: int, rounds: int) -> tuple[dict[str, Any], di
         )
         return time.time() - started
 
-    batches: dict[str, list[dict[str, float]]] = {"service": [], "chain": []}
+    runs = {"service": run_service, "chain": run_chains}
+
+    def timed_batch(name: str, worker: Worker) -> dict[str, float]:
+        cpu_before = stack.cpu_seconds(worker)
+        seconds = runs[name](jobs)
+        return {"seconds": seconds, **_cpu_ms_per_job(stack.cpu_seconds(worker), cpu_before, jobs)}
+
     try:
         start_all([service, chain])
         run_service(WARMUP_JOBS)
         run_chains(WARMUP_JOBS)
-        _pause(service)
-        _pause(chain)
-        for turn in range(rounds):
-            pair = [("service", service, run_service), ("chain", chain, run_chains)]
-            for name, worker, batch in pair if turn % 2 == 0 else pair[::-1]:
-                _resume(worker)
-                time.sleep(SETTLE_S)
-                cpu_before = stack.cpu_seconds(worker)
-                seconds = batch(jobs)
-                cpu = _cpu_ms_per_job(stack.cpu_seconds(worker), cpu_before, jobs)
-                batches[name].append({"seconds": seconds, **cpu})
-                _pause(worker)
+        batches = _in_turns({"service": service, "chain": chain}, rounds, timed_batch)
     finally:
         for worker in (service, chain):
             _resume(worker)
@@ -364,9 +373,7 @@ def end_to_end(stack: Stack, jobs: int, rounds: int) -> tuple[dict[str, Any], di
     )
 
 
-def _batches_total(
-    batches: list[dict[str, float]], jobs: int, ratios: list[float]
-) -> dict[str, Any]:
+def _batches_total(batches: list[dict[str, Any]], jobs: int, ratios: list[float]) -> dict[str, Any]:
     seconds = sum(b["seconds"] for b in batches)
     total = jobs * len(batches)
     cpu = {
@@ -430,10 +437,10 @@ def run(stack: Stack, quick: bool) -> list[Row]:
         stack, [(n, 0.0)], pool="threads", concurrency=8, count_redis=True
     )
     e2e, bare = end_to_end(stack, *e2e_turns)
+    # Quick mode skips the pools at zero latency: the I/O-bound case is the one that decides.
     threads_phases = [(n_slow, slow)] if quick else [(n, 0.0), (n_slow, slow)]
     threads = service_throughput(stack, threads_phases, pool="threads", concurrency=8)
     capacity, floor = poll_capacity(stack, *poll_turns)
-    # Quick mode skips the pools at zero latency: the I/O-bound case is the one that decides.
     prefork = service_throughput(stack, threads_phases, pool="prefork", concurrency=2)
     ratio = e2e["jobs_per_s"] / bare["jobs_per_s"]
     cpu = e2e["cpu_ms_per_job"]

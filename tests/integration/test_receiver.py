@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -231,3 +233,19 @@ def test_cli_help() -> None:
     assert result.exit_code == 0
     assert "--port" in result.output
     assert "9000" in result.output
+
+
+def test_a_sender_that_goes_away_mid_request_prints_no_traceback(
+    receiver: WebhookReceiver, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Half a body, then a reset (SO_LINGER 0): the receiver's read fails with
+    # ConnectionResetError, as when a worker is SIGKILLed while delivering.
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as sock:
+        sock.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.1)  # the handler is waiting for the rest of the body
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    time.sleep(0.3)  # the handler thread meets the reset
+    assert "Traceback" not in capfd.readouterr().err
+    # Still serving.
+    assert httpx.get(f"http://127.0.0.1:{receiver.port}/").status_code == 200
+    assert receiver.deliveries() == []

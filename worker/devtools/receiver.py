@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +77,13 @@ def _load_verifier(secret: str) -> Any:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     receiver: WebhookReceiver
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A sender that went away mid-request (a worker killed while it waited for the
+        answer) is routine: only other errors print socketserver's traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
